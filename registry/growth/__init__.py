@@ -1,0 +1,1 @@
+"""Built-in growth operators, one file each. See docs/growth.md."""

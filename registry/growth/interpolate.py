@@ -1,0 +1,95 @@
+"""Depth growth by interpolation (STEP, Yano et al. 2025, Sec. 3): insert new layers
+between existing ones.
+
+Old layer i keeps its weights; a new layer placed after old layer i is
+initialised as a copy of layer i (``init="copy"``), the mean of layers i and
+i+1 (``"mean"``), or freshly (``"random"``). With ``zero_out=true`` the new
+blocks' attention output and FFN down projections are zeroed, which makes each
+new pre-norm block the identity, so the grown model is exactly the old one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from steptitan.growth import GrowthOperator, LayerSource, copy_layers_by_source, zero_block_outputs
+from steptitan.model import ModelShape
+from steptitan.registry import GROWTH
+
+POSITIONS = ("uniform", "upper", "lower")
+INITS = ("copy", "mean", "random")
+
+
+@dataclass
+class InterpolateOptions:
+    n_new: int = 0  # new layers to insert; 0 = as many as there are old layers (doubling)
+    position: str = "uniform"  # uniform | upper | lower
+    after: list[int] = field(default_factory=list)  # explicit old-layer indices to insert after (overrides position)
+    init: str = "copy"  # copy | mean | random
+    zero_out: bool = False  # exact mode: new blocks start as identity
+
+
+@GROWTH.register("interpolate")
+class Interpolate(GrowthOperator):
+    Options = InterpolateOptions
+    description = "STEP depth growth: insert new layers between old ones (copy / mean / random init)"
+
+    def __init__(self, options: InterpolateOptions | None = None):
+        super().__init__(options)
+        o = self.options
+        if o.position not in POSITIONS:
+            raise ValueError(f"interpolate.position must be one of {', '.join(POSITIONS)}, got {o.position!r}")
+        if o.init not in INITS:
+            raise ValueError(f"interpolate.init must be one of {', '.join(INITS)}, got {o.init!r}")
+        if o.n_new < 0:
+            raise ValueError(f"interpolate.n_new must be >= 0, got {o.n_new}")
+
+    def insert_after(self, n_old: int) -> list[int]:
+        """Old-layer indices after which a new layer goes (repeats allowed), sorted."""
+        o = self.options
+        if o.after:
+            bad = [i for i in o.after if not 0 <= i < n_old]
+            if bad:
+                raise ValueError(f"interpolate.after: indices {bad} are outside 0..{n_old - 1}")
+            return sorted(o.after)
+        n_new = o.n_new or n_old
+        if o.position == "uniform":
+            # spread evenly: new layer k goes after old layer floor(k * n_old / n_new)
+            return [k * n_old // n_new for k in range(n_new)]
+        if n_new > n_old:
+            raise ValueError(f"interpolate.position={o.position!r} inserts at most one layer per old layer ({n_old}), got n_new={n_new}")
+        if o.position == "upper":
+            return list(range(n_old - n_new, n_old))
+        return list(range(n_new))  # lower
+
+    def target_shape(self, src: ModelShape) -> ModelShape:
+        return src.replace(n_layers=src.n_layers + len(self.insert_after(src.n_layers)))
+
+    def layer_sources(self, src: ModelShape) -> list[LayerSource]:
+        n_old = src.n_layers
+        after = self.insert_after(n_old)
+        out: list[LayerSource] = []
+        for i in range(n_old):
+            out.append(LayerSource((i,), new=False))
+            for _ in range(after.count(i)):
+                if self.options.init == "copy":
+                    srcs: tuple[int, ...] = (i,)
+                elif self.options.init == "mean":
+                    srcs = (i, i + 1) if i + 1 < n_old else (i,)
+                else:
+                    srcs = ()
+                out.append(LayerSource(srcs, new=True))
+        return out
+
+    def is_exact(self) -> bool:
+        return self.options.zero_out
+
+    @torch.no_grad()
+    def grow(self, src: nn.Module, dst: nn.Module, src_shape: ModelShape) -> None:
+        sources = self.layer_sources(src_shape)
+        copy_layers_by_source(src, dst, src_shape, sources)
+        if self.options.zero_out:
+            zero_block_outputs(dst, [j for j, s in enumerate(sources) if s.new])

@@ -1,0 +1,1 @@
+"""Built-in PEFT methods, one file each. See docs/peft.md."""

@@ -1,0 +1,339 @@
+"""Text -> tokenizer -> packed token blocks, cached on disk and read by index.
+
+The corpus is read through ``datasets.load_dataset`` (local files or a hub
+name) or built from the embedded ``stdlib-docs`` corpus, tokenized once into a
+flat token file (nanoGPT-style memmap), and cut into ``seq_len + 1`` blocks.
+Sampling is a pure function of a global sample counter, so the data position
+is one integer in a checkpoint and is independent of the world size.
+
+Preparation happens before any process group exists; concurrent ranks
+serialise on a file lock and the later ones reuse the cache.
+"""
+
+from __future__ import annotations
+
+import ast
+import fcntl
+import hashlib
+import json
+import os
+import sys
+import sysconfig
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+
+from steptitan.recipe import DataConfig
+
+EOS_TOKEN = "<|endoftext|>"
+EMBEDDED_CORPUS = "stdlib-docs"
+# Modules whose docstrings we skip: tests, GUI/demo code and vendored packages.
+_SKIP_DIRS = {"test", "tests", "site-packages", "dist-packages", "idlelib", "__pycache__",
+              "lib2to3", "tkinter", "turtledemo", "ensurepip", "config-3.11"}
+
+
+class DataError(ValueError):
+    """The data source or tokenizer is unusable; the message says why."""
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def stdlib_docstrings() -> list[str]:
+    """Docstrings of the installed Python standard library, in a fixed order.
+
+    Parsed with ``ast`` (nothing is imported), so it is always available and
+    needs no network: the embedded default corpus.
+    """
+    root = Path(sysconfig.get_paths()["stdlib"])
+    docs: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and not d.startswith("."))
+        for filename in sorted(filenames):
+            if not filename.endswith(".py"):
+                continue
+            try:
+                tree = ast.parse(Path(dirpath, filename).read_text(encoding="utf-8"))
+            except (SyntaxError, UnicodeDecodeError, ValueError):
+                continue
+            for node in ast.walk(tree):
+                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                    doc = ast.get_docstring(node)
+                    if doc and len(doc) > 40:
+                        docs.append(doc)
+    return docs
+
+
+_BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+def _load_file_docs(path: str, text_column: str) -> Iterator[str]:
+    """One document per row (json/parquet) or one per file (txt)."""
+    import datasets
+
+    p = Path(os.path.expanduser(path))
+    if not p.is_file():
+        raise DataError(f"data file {path!r} does not exist")
+    builder = _BUILDERS.get(p.suffix.lower())
+    if builder is None:
+        raise DataError(f"data file {path!r}: unsupported type {p.suffix!r}; use one of {', '.join(sorted(_BUILDERS))}")
+    try:
+        if builder == "text":
+            ds = datasets.load_dataset("text", data_files=str(p), split="train", sample_by="document")
+            yield from (row["text"] for row in ds)
+            return
+        ds = datasets.load_dataset(builder, data_files=str(p), split="train")
+    except Exception as exc:
+        raise DataError(f"could not read {path!r}: {exc}") from None
+    if text_column not in ds.column_names:
+        raise DataError(f"{path!r} has no column {text_column!r} (columns: {', '.join(ds.column_names)}); set data.text_column")
+    yield from (row[text_column] for row in ds)
+
+
+def _load_hub_docs(cfg: DataConfig) -> Iterator[str]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(cfg.hub, cfg.hub_config, split=cfg.hub_split)
+    except Exception as exc:
+        raise DataError(f"could not load dataset {cfg.hub!r} from the hub (needs network): {exc}") from None
+    if cfg.text_column not in ds.column_names:
+        raise DataError(f"dataset {cfg.hub!r} has no column {cfg.text_column!r}; set data.text_column")
+    yield from (row[cfg.text_column] for row in ds)
+
+
+def corpus_docs(cfg: DataConfig, files: list[str] | None = None) -> Iterator[str]:
+    files = cfg.files if files is None else files
+    if files:
+        for f in files:
+            yield from _load_file_docs(f, cfg.text_column)
+    elif cfg.hub:
+        yield from _load_hub_docs(cfg)
+    else:
+        yield from stdlib_docstrings()
+
+
+def _truncate(docs: Iterable[str], max_chars: int) -> Iterator[str]:
+    used = 0
+    for doc in docs:
+        if max_chars and used + len(doc) > max_chars:
+            if max_chars - used > 0:
+                yield doc[: max_chars - used]
+            return
+        used += len(doc)
+        yield doc
+
+
+def _source_fingerprint(cfg: DataConfig, files: list[str]) -> dict:
+    def stat(path: str) -> list:
+        p = Path(os.path.expanduser(path))
+        if not p.is_file():
+            raise DataError(f"data file {path!r} does not exist")
+        st = p.stat()
+        return [str(p.resolve()), st.st_size, int(st.st_mtime)]
+
+    if files:
+        src = {"files": [stat(f) for f in files]}
+    elif cfg.hub:
+        src = {"hub": [cfg.hub, cfg.hub_config, cfg.hub_split]}
+    else:
+        src = {"embedded": EMBEDDED_CORPUS, "python": sys.version.split()[0]}
+    return {**src, "text_column": cfg.text_column, "max_chars": cfg.max_chars}
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def train_bpe(docs: Iterable[str], vocab_size: int, out_dir: Path) -> None:
+    """Byte-level BPE trained on the corpus; saved as a HF tokenizer folder."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(docs, trainer=trainer)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out_dir / "tokenizer.json"))
+    (out_dir / "tokenizer_config.json").write_text(json.dumps({"eos_token": EOS_TOKEN}))
+
+
+def load_tokenizer(path: str | Path):
+    """torchtitan's HuggingFaceTokenizer from a tokenizer.json file or its folder."""
+    from torchtitan.components.tokenizer import HuggingFaceTokenizer
+
+    p = Path(os.path.expanduser(str(path)))
+    folder = p.parent if p.name == "tokenizer.json" else p
+    if not (folder / "tokenizer.json").is_file():
+        raise DataError(f"tokenizer {str(path)!r}: no tokenizer.json there")
+    try:
+        return HuggingFaceTokenizer(str(folder))
+    except Exception as exc:
+        raise DataError(f"tokenizer {str(path)!r} is unreadable: {exc}") from None
+
+
+# --------------------------------------------------------------------------- cache
+
+
+@contextmanager
+def _locked(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@dataclass
+class PreparedData:
+    tokenizer_dir: Path
+    train_path: Path
+    val_path: Path
+    vocab_size: int  # the tokenizer's
+    eos_id: int
+    dtype: str
+
+    def tokens(self, split: str) -> np.ndarray:
+        path = self.train_path if split == "train" else self.val_path
+        return np.memmap(path, dtype=self.dtype, mode="r")
+
+
+def _encode_to_file(docs: Iterable[str], tokenizer, eos_id: int, path: Path, dtype) -> int:
+    tmp = path.with_suffix(".tmp")
+    total = 0
+    with open(tmp, "wb") as fh:
+        batch: list[str] = []
+
+        def flush():
+            nonlocal total
+            for enc in tokenizer.tokenizer.encode_batch(batch):
+                ids = np.asarray(enc.ids + [eos_id], dtype=dtype)
+                fh.write(ids.tobytes())
+                total += len(ids)
+            batch.clear()
+
+        for doc in docs:
+            batch.append(doc)
+            if len(batch) >= 256:
+                flush()
+        flush()
+    os.replace(tmp, path)
+    return total
+
+
+def prepare_data(cfg: DataConfig, model_vocab_size: int) -> PreparedData:
+    """Tokenizer and token files for ``cfg`` (built once, then read from the cache)."""
+    cache = Path(os.path.expanduser(cfg.cache_dir))
+    files = list(cfg.files)
+    fingerprint = _source_fingerprint(cfg, files)
+    val_fp = _source_fingerprint(cfg, cfg.val_files) if cfg.val_files else {"val_fraction": cfg.val_fraction}
+
+    if cfg.tokenizer:
+        tok_dir = Path(os.path.expanduser(cfg.tokenizer))
+        tok_dir = tok_dir.parent if tok_dir.name == "tokenizer.json" else tok_dir
+        if not (tok_dir / "tokenizer.json").is_file():
+            raise DataError(f"data.tokenizer {cfg.tokenizer!r}: no tokenizer.json there")
+        tok_key = {"tokenizer": hashlib.sha256((tok_dir / "tokenizer.json").read_bytes()).hexdigest()[:16]}
+    else:
+        tok_key = {"bpe": model_vocab_size, **fingerprint}
+        tok_dir = cache / "tokenizers" / _digest(tok_key)
+
+    key = _digest({"src": fingerprint, "val": val_fp, "tok": tok_key})
+    data_dir = cache / "tokens" / key
+    with _locked(cache / "locks" / f"{key}.lock"):
+        if not cfg.tokenizer and not (tok_dir / "tokenizer.json").is_file():
+            docs = list(_truncate(corpus_docs(cfg, files), cfg.max_chars))
+            if not any(d.strip() for d in docs):
+                raise DataError("the training corpus is empty")
+            train_bpe(docs, model_vocab_size, tok_dir)
+        tokenizer = load_tokenizer(tok_dir)
+        vocab = tokenizer.get_vocab_size()
+        if vocab > model_vocab_size:
+            raise DataError(f"tokenizer has {vocab} tokens but model.vocab_size is {model_vocab_size}; raise model.vocab_size")
+        eos_id = tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.tokenizer.token_to_id(EOS_TOKEN)
+        if eos_id is None:
+            raise DataError(f"tokenizer in {str(tok_dir)!r} has no end-of-text token (eos_token in tokenizer_config.json)")
+        dtype = "uint16" if model_vocab_size <= 65535 else "uint32"
+        meta_path = data_dir / "meta.json"
+        if not meta_path.is_file():
+            data_dir.mkdir(parents=True, exist_ok=True)
+            docs = _truncate(corpus_docs(cfg, files), cfg.max_chars)
+            n_all = _encode_to_file(docs, tokenizer, eos_id, data_dir / "all.bin", dtype)
+            if n_all == 0:
+                raise DataError("the training corpus is empty")
+            all_tokens = np.memmap(data_dir / "all.bin", dtype=dtype, mode="r")
+            if cfg.val_files:
+                _encode_to_file(corpus_docs(cfg, cfg.val_files), tokenizer, eos_id, data_dir / "val.bin", dtype)
+                os.replace(data_dir / "all.bin", data_dir / "train.bin")
+            else:
+                # Deterministic split: the last val_fraction of the token stream.
+                n_val = max(1, int(n_all * cfg.val_fraction))
+                np.asarray(all_tokens[: n_all - n_val]).tofile(data_dir / "train.bin")
+                np.asarray(all_tokens[n_all - n_val :]).tofile(data_dir / "val.bin")
+                del all_tokens
+                os.remove(data_dir / "all.bin")
+            meta_path.write_text(json.dumps({"fingerprint": fingerprint, "vocab": vocab, "eos_id": eos_id}))
+    return PreparedData(tok_dir, data_dir / "train.bin", data_dir / "val.bin", vocab, int(eos_id), dtype)
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def num_blocks(n_tokens: int, seq_len: int) -> int:
+    """Blocks of seq_len inputs (+1 shifted label) that ``n_tokens`` can fill."""
+    return max(0, (n_tokens - 1) // seq_len)
+
+
+class BlockSampler:
+    """Batches of packed blocks addressed by a global sample counter.
+
+    Sample ``g`` is block ``perm_e[g mod n]`` of epoch ``e = g // n``, with a
+    seeded permutation per epoch. Rank ``r`` of ``W`` takes samples
+    ``counter + r*B ... counter + (r+1)*B - 1``: distinct shards per rank, and
+    the same global order whatever the world size.
+    """
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int, shuffle: bool = True):
+        self.tokens = tokens
+        self.seq_len = seq_len
+        self.seed = seed
+        self.shuffle = shuffle
+        self.n_blocks = num_blocks(len(tokens), seq_len)
+        if self.n_blocks == 0:
+            raise DataError(f"{len(tokens)} tokens cannot fill one block of seq_len {seq_len}")
+        self._perm_epoch = -1
+        self._perm: np.ndarray | None = None
+
+    def _block_index(self, g: int) -> int:
+        epoch, i = divmod(g, self.n_blocks)
+        if not self.shuffle:
+            return i
+        if epoch != self._perm_epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n_blocks)
+            self._perm_epoch = epoch
+        return int(self._perm[i])  # type: ignore[index]
+
+    def block(self, index: int) -> np.ndarray:
+        start = index * self.seq_len
+        return np.asarray(self.tokens[start : start + self.seq_len + 1], dtype=np.int64)
+
+    def batch(self, counter: int, rank: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        first = counter + rank * batch_size
+        blocks = np.stack([self.block(self._block_index(g)) for g in range(first, first + batch_size)])
+        t = torch.from_numpy(blocks)
+        return t[:, :-1], t[:, 1:]

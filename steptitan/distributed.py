@@ -1,0 +1,145 @@
+"""Process group, device mesh and FSDP2 sharding: one code path for CPU (gloo) and CUDA (nccl).
+
+Under ``torchrun`` the rank/world come from the environment; without it the
+same code runs as a world of one (an in-process store, no network).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+    mesh: DeviceMesh
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def env_world_size() -> int:
+    """World size as torchrun will report it (1 outside torchrun); usable before init."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_distributed(backend: str = "auto", timeout_s: float = 600.0) -> DistEnv:
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if not dist.is_initialized():
+        if "MASTER_ADDR" in os.environ:
+            dist.init_process_group(backend, timeout=timeout)
+        else:  # a single process without torchrun
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("dp_shard",))
+    return DistEnv(rank, world, local_rank, device, backend, mesh)
+
+
+def shutdown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def enable_activation_checkpointing(block: nn.Module) -> None:
+    """Recompute a block's activations in backward.
+
+    Done by wrapping ``forward`` on the instance rather than with
+    ``checkpoint_wrapper`` so parameter names stay unchanged (growth and
+    checkpoints address parameters by name).
+    """
+    inner: Callable = block.forward
+
+    def forward(*args, **kwargs):
+        return checkpoint(inner, *args, use_reentrant=False, **kwargs)
+
+    block.forward = forward  # type: ignore[method-assign]
+
+
+def shard_model(
+    model: nn.Module,
+    mesh: DeviceMesh,
+    param_dtype: torch.dtype = torch.float32,
+    reduce_dtype: torch.dtype = torch.float32,
+    activation_checkpointing: bool = False,
+) -> nn.Module:
+    """FSDP2: ``fully_shard`` each transformer block, then the root.
+
+    The root unit holds the embeddings, final norm and LM head together so a
+    tied embedding/head weight stays one parameter (torchtitan's ``apply_fsdp``
+    shards the embedding on its own, which would split a tied pair, and turns
+    off FSDP's gradient averaging, which this trainer relies on).
+    """
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    for block in model.layers.values():
+        if activation_checkpointing:
+            enable_activation_checkpointing(block)
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    return model
+
+
+def local_part(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """This rank's piece of ``full`` laid out like the (possibly sharded) ``like``.
+
+    Every rank must hold the same ``full``; no communication happens.
+    """
+    if isinstance(like, DTensor):
+        return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None).to_local()
+    return full
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The tensor this rank stores: a DTensor's local shard, or the tensor itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor (all-gathered for a DTensor). Use on one parameter at a time."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def reshard(model: nn.Module) -> None:
+    """Return FSDP2 modules to their sharded state (the root stays unsharded after forward)."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def all_gather_object(obj):
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

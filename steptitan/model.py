@@ -1,0 +1,138 @@
+"""The model: torchtitan's llama3 ``Transformer``, described by a ``ModelShape``.
+
+``ModelShape`` is the one description of a model's size that growth operators
+transform and the planner counts; ``build_model`` turns it into torchtitan's
+``TransformerModelArgs`` and ``Transformer``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torchtitan.models.llama3 import Transformer, TransformerModelArgs
+
+from steptitan.recipe import ModelConfig
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    vocab_size: int
+    ffn_hidden: int
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = False
+    max_seq_len: int = 2048
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    def replace(self, **changes) -> "ModelShape":
+        return dataclasses.replace(self, **changes)
+
+    def layer_params(self) -> int:
+        """Parameters of one transformer block (P in the STEP memory model)."""
+        kv = self.n_kv_heads * self.head_dim
+        attn = self.dim * self.dim * 2 + self.dim * kv * 2  # wq, wo, wk, wv
+        ffn = 3 * self.dim * self.ffn_hidden  # w1, w2, w3 (SwiGLU)
+        return attn + ffn + 2 * self.dim  # + two RMSNorm weights
+
+    def embedding_params(self) -> int:
+        """Token embeddings, final norm and LM head (shared once when tied)."""
+        head = 0 if self.tie_embeddings else self.vocab_size * self.dim
+        return self.vocab_size * self.dim + self.dim + head
+
+    def num_params(self) -> int:
+        return self.n_layers * self.layer_params() + self.embedding_params()
+
+
+def torchtitan_ffn_hidden(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
+    """torchtitan's SwiGLU hidden size rule (llama3 FeedForward.__init__)."""
+    hidden = int(2 * (4 * dim) / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+def shape_from_config(cfg: ModelConfig, max_seq_len: int) -> ModelShape:
+    ffn = cfg.ffn_hidden or torchtitan_ffn_hidden(cfg.dim, cfg.multiple_of, cfg.ffn_dim_multiplier)
+    return ModelShape(
+        dim=cfg.dim,
+        n_layers=cfg.n_layers,
+        n_heads=cfg.n_heads,
+        n_kv_heads=cfg.n_kv_heads or cfg.n_heads,
+        vocab_size=cfg.vocab_size,
+        ffn_hidden=ffn,
+        norm_eps=cfg.norm_eps,
+        rope_theta=cfg.rope_theta,
+        tie_embeddings=cfg.tie_embeddings,
+        max_seq_len=max_seq_len,
+    )
+
+
+def model_args(shape: ModelShape) -> TransformerModelArgs:
+    # torchtitan derives the FFN width from dim; with multiple_of=1 this
+    # multiplier reproduces shape.ffn_hidden exactly (int() of x + 0.5 ... x).
+    base = int(2 * (4 * shape.dim) / 3)
+    return TransformerModelArgs(
+        dim=shape.dim,
+        n_layers=shape.n_layers,
+        n_heads=shape.n_heads,
+        n_kv_heads=shape.n_kv_heads,
+        vocab_size=shape.vocab_size,
+        multiple_of=1,
+        ffn_dim_multiplier=(shape.ffn_hidden + 0.5) / base,
+        norm_eps=shape.norm_eps,
+        rope_theta=shape.rope_theta,
+        max_seq_len=shape.max_seq_len,
+        attn_type="sdpa",
+        depth_init=True,
+    )
+
+
+def build_model(shape: ModelShape, device: str | torch.device = "meta") -> Transformer:
+    """A torchtitan llama3 Transformer of ``shape`` (on meta by default: no memory)."""
+    with torch.device(device):
+        model = Transformer(model_args(shape))
+    if shape.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    assert model.layers["0"].feed_forward.w1.out_features == shape.ffn_hidden
+    return model
+
+
+def init_model_weights(model: Transformer) -> None:
+    """torchtitan's init, keeping a tied LM head tied to the embedding."""
+    model.init_weights(buffer_device=model.tok_embeddings.weight.device)
+
+
+def base_param_names(shape: ModelShape) -> set[str]:
+    """Names of the dense model's own parameters (not PEFT additions) for ``shape``."""
+    return {name for name, _ in build_model(shape).named_parameters()}
+
+
+def layer_group_of(name: str, old_layers: set[int]) -> str:
+    """The layer group ("old", "new", "embeddings", "head") a parameter belongs to."""
+    if name.startswith("layers."):
+        return "old" if int(name.split(".")[1]) in old_layers else "new"
+    if name.startswith("tok_embeddings"):
+        return "embeddings"
+    return "head"  # final norm and output projection
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """(trainable, frozen) parameter counts, counting a tied weight once."""
+    trainable = frozen = 0
+    for p in model.parameters():  # parameters() de-duplicates shared tensors
+        n = p.numel()
+        if p.requires_grad:
+            trainable += n
+        else:
+            frozen += n
+    return trainable, frozen

@@ -1,0 +1,158 @@
+"""StagePlan: what each stage builds, grows, adapts, freezes and trains.
+
+``build_plan`` resolves a validated recipe into concrete shapes and plugin
+instances and checks everything that needs the plugins (names, options, the
+shape chain). It touches no weights: models are built on the meta device, so
+``--dry-run`` can print exact parameter counts for any size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from steptitan.growth import GrowthOperator, LayerSource
+from steptitan.model import ModelShape, base_param_names, build_model, count_params, layer_group_of, shape_from_config
+from steptitan.peft import PeftMethod
+from steptitan.recipe import Recipe, RecipeError, options_from_dict
+from steptitan.registry import GROWTH, PEFT, UnknownPluginError
+
+
+@dataclass
+class StagePlan:
+    index: int
+    name: str
+    steps: int
+    lr: float
+    warmup_steps: int
+    shape: ModelShape
+    growth: GrowthOperator | None
+    sources: list[LayerSource]  # per layer of this stage's model
+    peft: list[PeftMethod]
+    freeze: list[str]
+    trainable_params: int = 0
+    frozen_params: int = 0
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def old_layers(self) -> set[int]:
+        return {j for j, s in enumerate(self.sources) if not s.new}
+
+    @property
+    def new_layers(self) -> set[int]:
+        return {j for j, s in enumerate(self.sources) if s.new}
+
+    def layers_in(self, group: str) -> list[int]:
+        if group == "all":
+            return list(range(self.shape.n_layers))
+        return sorted(self.old_layers if group == "old" else self.new_layers)
+
+    def build(self) -> nn.Module:
+        """This stage's model on meta: dense model + PEFT modules + freezing."""
+        model = build_model(self.shape)
+        for method in self.peft:
+            method.apply(model)
+        apply_freeze(model, self.freeze, self.old_layers, base_param_names(self.shape))
+        return model
+
+
+def apply_freeze(model: nn.Module, groups: list[str], old_layers: set[int], base_names: set[str]) -> None:
+    """Freeze the dense weights of ``groups``; adapter parameters stay trainable."""
+    for name, p in model.named_parameters():
+        if name in base_names and layer_group_of(name, old_layers) in groups:
+            p.requires_grad_(False)
+
+
+def _plugin_options(registry, spec: dict[str, Any], key: str, where: str, reserved: tuple[str, ...]):
+    name = spec[key]
+    try:
+        cls = registry.get(name)
+    except UnknownPluginError as exc:
+        raise RecipeError(f"{where}.{key}: {exc}") from None
+    opts = {k: v for k, v in spec.items() if k not in reserved}
+    return cls, options_from_dict(cls.Options, opts, where)
+
+
+def build_plan(recipe: Recipe) -> list[StagePlan]:
+    plans: list[StagePlan] = []
+    shape = shape_from_config(recipe.model, recipe.training.seq_len)
+    for i, stage in enumerate(recipe.stages):
+        where = f"stages.{i}"
+        growth = None
+        if stage.growth:
+            cls, opts = _plugin_options(GROWTH, stage.growth, "name", f"{where}.growth", ("name",))
+            try:
+                growth = cls(opts)
+                new_shape = growth.target_shape(shape)
+                sources = growth.layer_sources(shape)
+            except ValueError as exc:
+                raise RecipeError(f"{where}.growth: {exc}") from None
+            if len(sources) != new_shape.n_layers:
+                raise RecipeError(f"{where}.growth: operator {stage.growth['name']!r} gave {len(sources)} layer sources for {new_shape.n_layers} layers")
+        else:
+            new_shape = shape
+            # stage 0: every layer is fresh; later stages without growth carry all layers
+            sources = [LayerSource((j,), new=(i == 0)) for j in range(shape.n_layers)]
+        for key, value in stage.model.items():
+            if not hasattr(new_shape, key):
+                raise RecipeError(f"{where}.model.{key}: unknown shape field")
+            if i == 0:
+                new_shape = new_shape.replace(**{key: value})
+                sources = [LayerSource((j,), new=True) for j in range(new_shape.n_layers)]
+            elif getattr(new_shape, key) != value:
+                how = f"growth {stage.growth['name']!r} produces" if growth else "with no growth the stage keeps"
+                raise RecipeError(
+                    f"inconsistent stage shapes: {where}.model.{key} = {value!r} but {how} {key} = {getattr(new_shape, key)!r}"
+                )
+        shape = new_shape
+
+        plan = StagePlan(
+            index=i,
+            name=stage.name or f"stage{i}",
+            steps=stage.steps,
+            lr=stage.lr if stage.lr is not None else recipe.training.lr,
+            warmup_steps=stage.warmup_steps if stage.warmup_steps is not None else recipe.training.warmup_steps,
+            shape=shape,
+            growth=growth,
+            sources=sources,
+            peft=[],
+            freeze=list(stage.freeze),
+        )
+        specs = ([("peft", stage.peft)] if stage.peft else []) + [
+            (f"extra_peft.{k}", s) for k, s in enumerate(stage.extra_peft)
+        ]
+        for key, spec in specs:
+            cls, opts = _plugin_options(PEFT, spec, "method", f"{where}.{key}", ("method", "layers"))
+            layers = plan.layers_in(spec.get("layers", "all"))
+            try:
+                plan.peft.append(cls(opts, layers, seed=recipe.training.seed + 1000 * i))
+            except ValueError as exc:
+                raise RecipeError(f"{where}.{key}: {exc}") from None
+        try:
+            model = plan.build()
+        except ValueError as exc:
+            raise RecipeError(f"{where}: {exc}") from None
+        plan.trainable_params, plan.frozen_params = count_params(model)
+        if plan.trainable_params == 0:
+            raise RecipeError(f"{where}: nothing is trainable (every group frozen and no adapter)")
+        plans.append(plan)
+    return plans
+
+
+def format_plan(plans: list[StagePlan]) -> str:
+    rows = [f"{'stage':<14}{'layers':>7}{'dim':>6}{'steps':>7}  {'growth':<34}{'peft':<24}{'freeze':<18}{'trainable':>12}{'frozen':>12}"]
+    for p in plans:
+        growth = "-"
+        if p.growth is not None:
+            growth = p.growth.registry_name + (" (exact)" if p.growth.is_exact() else "")
+        peft = ", ".join(f"{m.registry_name}[{len(m.layers)}L]" for m in p.peft) or "-"
+        rows.append(
+            f"{p.name:<14}{p.shape.n_layers:>7}{p.shape.dim:>6}{p.steps:>7}  {growth:<34}{peft:<24}"
+            f"{','.join(p.freeze) or '-':<18}{p.trainable_params:>12,}{p.frozen_params:>12,}"
+        )
+        new = sorted(p.new_layers)
+        if p.index > 0 and new:
+            rows.append(f"{'':<14}new layers: {new}")
+    return "\n".join(rows)

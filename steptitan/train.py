@@ -1,0 +1,102 @@
+"""Entry point: ``torchrun --nproc_per_node=N -m steptitan.train RECIPE.toml [key=value ...]``.
+
+Also runs as a single process (``python -m steptitan.train ...``). Order of
+work: parse and validate the recipe, resolve the stage plan, prepare data --
+all before any process group exists, so a bad recipe costs one clear message
+and no hung ranks -- then start the process group and train.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Sequence
+
+from steptitan.data import DataError, num_blocks, prepare_data
+from steptitan.distributed import env_world_size
+from steptitan.plan import StagePlan, build_plan, format_plan
+from steptitan.recipe import Recipe, RecipeError, load_recipe, to_dict
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="steptitan train",
+        description="Run a steptitan recipe. Trailing key=value pairs override recipe keys "
+        "(OmegaConf dot-list: training.steps=40 stages.1.peft.rank=16).",
+    )
+    parser.add_argument("recipe", help="path to a TOML recipe")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved recipe and stage plan, then exit")
+    return parser.parse_args(argv)
+
+
+def check_data_fits(recipe: Recipe, train_tokens: int, val_tokens: int) -> None:
+    """seq_len and batch must be fillable from the prepared token files."""
+    t = recipe.training
+    world = env_world_size()
+    for split, n_tokens in (("training", train_tokens), ("validation", val_tokens)):
+        blocks = num_blocks(n_tokens, t.seq_len)
+        if blocks == 0:
+            raise RecipeError(
+                f"training.seq_len={t.seq_len} is larger than the {split} data can fill "
+                f"({n_tokens:,} tokens make no block of {t.seq_len + 1}); lower seq_len or add text"
+            )
+    blocks = num_blocks(train_tokens, t.seq_len)
+    if blocks < world * t.batch_size:
+        raise RecipeError(
+            f"the training data makes {blocks} blocks of seq_len={t.seq_len}, fewer than one step needs "
+            f"({world} ranks x batch_size {t.batch_size}); lower seq_len or batch_size, or add text"
+        )
+
+
+def resolve(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, Recipe, list[StagePlan]]:
+    args = parse_args(argv)
+    recipe = load_recipe(args.recipe, args.overrides)
+    plans = build_plan(recipe)
+    return args, recipe, plans
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        args, recipe, plans = resolve(argv)
+        if args.dry_run:
+            if rank == 0:
+                print(json.dumps(to_dict(recipe), indent=1))
+                print(format_plan(plans))
+            return 0
+        data = prepare_data(recipe.data, recipe.model.vocab_size)
+        check_data_fits(recipe, len(data.tokens("train")), len(data.tokens("val")))
+        from steptitan.trainer import prepare_run_dir
+
+        if rank == 0:
+            prepare_run_dir(recipe)
+    except (RecipeError, DataError, FileExistsError) as exc:
+        print(f"steptitan: error: {exc}", file=sys.stderr)
+        return 2
+
+    # Heavy imports and the process group only after everything is validated.
+    from steptitan.distributed import init_distributed, shutdown_distributed
+    from steptitan.metrics import setup_logging
+    from steptitan.trainer import Trainer, TrainingError
+
+    setup_logging(rank)
+    if recipe.training.deterministic:
+        import torch
+
+        torch.use_deterministic_algorithms(True)
+    env = init_distributed(recipe.training.backend)
+    try:
+        Trainer(recipe, plans, data, env).run()
+    except TrainingError as exc:
+        print(f"steptitan: error on rank {env.rank}: {exc}", file=sys.stderr)
+        return 3
+    finally:
+        shutdown_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

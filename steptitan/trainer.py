@@ -1,0 +1,312 @@
+"""The staged trainer: for each stage build or grow the model, apply PEFT, shard, train, evaluate, checkpoint.
+
+Read ``Trainer.run`` top to bottom; one training step is ``train_step``.
+Growth operators and PEFT methods are plugins (steptitan/growth.py,
+steptitan/peft.py); everything else a step does is in this file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchtitan.components.lr_scheduler import LRSchedulersContainer, build_lr_schedulers
+from torchtitan.components.optimizer import OptimizersContainer
+from torchtitan.config.job_config import LRScheduler as LRSchedulerConfig
+from torchtitan.distributed.utils import clip_grad_norm_
+
+from steptitan.checkpoint import Checkpointer, CheckpointInfo, read_checkpoint
+from steptitan.data import BlockSampler, PreparedData
+from steptitan.distributed import DistEnv, all_gather_object, all_reduce_sum, shard_model
+from steptitan.growth import GrowthOperator, LayerSource, copy_layers_by_source
+from steptitan.metrics import (
+    MetricsLogger,
+    cuda_peak_bytes,
+    fmt_bytes,
+    log,
+    memory_breakdown,
+    peak_rss_bytes,
+    reset_peak_rss,
+)
+from steptitan.model import init_model_weights
+from steptitan.peft import StepContext
+from steptitan.plan import StagePlan
+from steptitan.recipe import Recipe, to_dict
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss); the message names stage and step."""
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, plans: list[StagePlan], data: PreparedData, env: DistEnv):
+        self.recipe, self.plans, self.data, self.env = recipe, plans, data, env
+        self.cfg = recipe.training
+        self.run_dir = recipe.run_dir
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", env.rank, env.world_size, recipe.checkpoint.keep_last)
+        self.metrics = MetricsLogger(self.run_dir / "tb", enabled=env.is_main)
+        self.train_data = BlockSampler(data.tokens("train"), self.cfg.seq_len, self.cfg.seed)
+        self.val_data = BlockSampler(data.tokens("val"), self.cfg.seq_len, self.cfg.seed, shuffle=False)
+        # Counters saved in every checkpoint ("trainer state").
+        self.samples_seen = 0  # global sequences consumed: the data position
+        self.global_step = 0  # optimizer steps over all stages (TensorBoard x-axis)
+        self.stage_summaries: list[dict[str, Any]] = []
+        self.stage_peak_memory: dict[str, int] = {}  # breakdown at this stage's largest model-state step
+
+    # ------------------------------------------------------------------ the stage loop
+
+    def run(self) -> dict[str, Any]:
+        resume = self.find_resume()
+        model: nn.Module | None = None
+        prev: StagePlan | None = None
+        for plan in self.plans:
+            if resume is not None and plan.index < resume.stage:
+                prev = plan
+                continue
+            reset_peak_rss()
+            t0 = time.perf_counter()
+            if resume is not None and plan.index == resume.stage:
+                model = self.build_stage_model(plan)  # weights come from the checkpoint
+                self.build_optimizer(plan, model)
+                start_step = self.load_checkpoint(resume, plan, model)
+                resume = None
+            else:
+                model = self.build_stage_model(plan, grow_from=model, prev=prev)
+                self.build_optimizer(plan, model)
+                start_step = 0
+            log.info(f"== stage {plan.index} ({plan.name}): {plan.shape.n_layers} layers, "
+                     f"{plan.trainable_params:,} trainable / {plan.frozen_params:,} frozen params, steps {start_step}->{plan.steps}")
+            tokens = self.train_stage(plan, model, start_step)
+            self.end_stage(plan, model, wall=time.perf_counter() - t0, tokens=tokens)
+            prev = plan
+        summary = self.write_summary()
+        self.metrics.close()
+        return summary
+
+    def find_resume(self) -> CheckpointInfo | None:
+        mode = self.recipe.checkpoint.resume
+        if mode == "never":
+            return None
+        info = self.checkpointer.latest() if mode == "auto" else read_checkpoint(Path(mode))
+        if info is not None:
+            log.info(f"resuming from {info.path} (stage {info.stage}, step {info.step})")
+        return info
+
+    # ------------------------------------------------------------------ building a stage
+
+    def build_stage_model(self, plan: StagePlan, grow_from: nn.Module | None = None, prev: StagePlan | None = None) -> nn.Module:
+        """Meta model + PEFT -> FSDP2 -> materialise + init -> (growth from the previous stage)."""
+        model = plan.build()
+        shard_model(model, self.env.mesh, DTYPES[self.cfg.dtype], torch.float32, self.cfg.activation_checkpointing)
+        model.to_empty(device=self.env.device)
+        torch.manual_seed(self.cfg.seed + plan.index)
+        with torch.no_grad():
+            init_model_weights(model)
+            for method in plan.peft:
+                method.init_weights(model)
+        if grow_from is not None and prev is not None:
+            for method in prev.peft:  # fold the previous stage's adapters into its weights first
+                method.merge(grow_from)
+            t = time.perf_counter()
+            grower = plan.growth or _SameShape()
+            grower.grow(grow_from, model, prev.shape)
+            log.info(f"grew {prev.shape.n_layers} -> {plan.shape.n_layers} layers with "
+                     f"{getattr(grower, 'registry_name', 'copy')} in {time.perf_counter() - t:.2f}s")
+        return model
+
+    def build_optimizer(self, plan: StagePlan, model: nn.Module) -> None:
+        """AdamW over trainable parameters only, with the stage's LR schedule."""
+        kwargs = {"lr": plan.lr, "betas": (self.cfg.beta1, self.cfg.beta2), "eps": self.cfg.eps,
+                  "weight_decay": self.cfg.weight_decay, "foreach": True}
+        self.optimizer = OptimizersContainer([model], torch.optim.AdamW, kwargs)
+        sched_cfg = LRSchedulerConfig(warmup_steps=min(plan.warmup_steps, plan.steps), decay_type=self.cfg.decay_type,
+                                      min_lr_factor=self.cfg.min_lr_factor)
+        base_lambda = build_lr_schedulers(self.optimizer, sched_cfg, plan.steps).schedulers[0].lr_lambdas[0]
+
+        def lr_lambda(step: int) -> float:  # PEFT methods may reshape it (ReLoRA's jagged restarts)
+            factor = base_lambda(step)
+            for method in plan.peft:
+                factor *= method.lr_factor(step)
+            return factor
+
+        self.lr_schedulers = LRSchedulersContainer(self.optimizer, lr_lambda)
+
+    # ------------------------------------------------------------------ training
+
+    def train_stage(self, plan: StagePlan, model: nn.Module, start_step: int) -> int:
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        tokens_done = 0
+        for step in range(start_step + 1, plan.steps + 1):
+            t = time.perf_counter()
+            loss, grad_norm, memory = self.train_step(plan, model, trainable, step)
+            if memory["model_states"] >= self.stage_peak_memory.get("model_states", 0):
+                self.stage_peak_memory = memory
+            for method in plan.peft:
+                method.after_optimizer_step(StepContext(step, model, self.optimizer, self.cfg.seed))
+            self.global_step += 1
+            dt = time.perf_counter() - t
+            step_tokens = self.env.world_size * self.cfg.batch_size * self.cfg.grad_accum * self.cfg.seq_len
+            tokens_done += step_tokens
+            if step % self.cfg.steps_per_log == 0 or step == start_step + 1 or step == plan.steps:
+                self.log_step(plan, step, loss, grad_norm, step_tokens / dt, memory)
+            if self.cfg.eval_interval and step % self.cfg.eval_interval == 0 and step != plan.steps:
+                self.evaluate(plan, model, step)
+            interval = self.recipe.checkpoint.interval
+            if self.recipe.checkpoint.enabled and interval and step % interval == 0 and step != plan.steps:
+                self.save_checkpoint(plan, model, step)
+        return tokens_done
+
+    def train_step(self, plan: StagePlan, model: nn.Module, trainable: list[nn.Parameter], step: int):
+        """batch -> forward -> loss -> backward (x grad_accum) -> clip -> optimizer step."""
+        model.train()
+        self.optimizer.zero_grad()
+        loss_sum = 0.0
+        for _ in range(self.cfg.grad_accum):
+            inputs, labels = self.train_data.batch(self.samples_seen, self.env.rank, self.cfg.batch_size)
+            self.samples_seen += self.env.world_size * self.cfg.batch_size
+            logits = model(inputs.to(self.env.device))
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.to(self.env.device).flatten())
+            (loss / self.cfg.grad_accum).backward()
+            loss_sum += loss.item()
+        max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else math.inf
+        grad_norm = clip_grad_norm_(trainable, max_norm).item()
+        # Gradients are alive now: the moment of peak model-state memory.
+        memory = memory_breakdown(model, self.optimizer, [m.extra_state_bytes() for m in plan.peft])
+        (loss_avg,) = all_reduce_sum([loss_sum / self.cfg.grad_accum], self.env.device)
+        loss_avg /= self.env.world_size
+        if not math.isfinite(loss_avg):
+            raise TrainingError(f"non-finite loss {loss_avg} at stage {plan.index} ({plan.name}), step {step}")
+        self.optimizer.step()
+        self.lr_schedulers.step()
+        return loss_avg, grad_norm, memory
+
+    @torch.no_grad()
+    def evaluate(self, plan: StagePlan, model: nn.Module, step: int) -> float:
+        """Mean validation loss over ``eval_batches`` per rank (0 = the whole split, exactly once)."""
+        model.eval()
+        W, B, r = self.env.world_size, self.cfg.batch_size, self.env.rank
+        n_blocks = self.val_data.n_blocks
+        n_batches = self.cfg.eval_batches or math.ceil(n_blocks / (W * B))
+        loss_sum = count = 0.0
+        for k in range(n_batches):
+            first = k * W * B + r * B
+            indices = [g % n_blocks for g in range(first, first + B)]
+            valid = torch.tensor([self.cfg.eval_batches > 0 or g < n_blocks for g in range(first, first + B)])
+            blocks = torch.from_numpy(np.stack([self.val_data.block(i) for i in indices]))
+            logits = model(blocks[:, :-1].to(self.env.device))
+            losses = F.cross_entropy(logits.flatten(0, 1).float(), blocks[:, 1:].flatten().to(self.env.device),
+                                     reduction="none").view(B, -1).mean(dim=1)
+            loss_sum += losses[valid.to(losses.device)].sum().item()
+            count += valid.sum().item()
+        total, n = all_reduce_sum([loss_sum, count], self.env.device)
+        val_loss = total / max(n, 1)
+        self.metrics.scalars({"val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 50))}, self.global_step)
+        log.info(f"[stage {plan.index}] step {step}: val loss {val_loss:.4f}, ppl {math.exp(min(val_loss, 50)):.2f}")
+        return val_loss
+
+    # ------------------------------------------------------------------ stage end, checkpoints, logs
+
+    def end_stage(self, plan: StagePlan, model: nn.Module, wall: float, tokens: int) -> None:
+        val_loss = self.evaluate(plan, model, plan.steps)
+        if self.recipe.checkpoint.enabled:
+            self.save_checkpoint(plan, model, plan.steps)
+        memory = memory_breakdown(model, self.optimizer, [m.extra_state_bytes() for m in plan.peft])
+        per_rank = all_gather_object({"rank": self.env.rank, "memory": memory, "peak_rss": peak_rss_bytes(),
+                                      "cuda_peak": cuda_peak_bytes(), "peak_step_memory": self.stage_peak_memory})
+        self.stage_summaries.append({
+            "index": plan.index, "name": plan.name, "n_layers": plan.shape.n_layers, "dim": plan.shape.dim,
+            "steps": plan.steps, "trainable_params": plan.trainable_params, "frozen_params": plan.frozen_params,
+            "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)), "wall_s": wall,
+            "tokens_per_s": tokens / wall if tokens else 0.0,
+            "peak_rss_bytes": max(r["peak_rss"] for r in per_rank),
+            "peak_model_state_bytes": max(r["peak_step_memory"].get("model_states", 0) for r in per_rank),
+            "ranks": per_rank,
+        })
+        self.stage_peak_memory = {}
+
+    def log_step(self, plan: StagePlan, step: int, loss: float, grad_norm: float, tokens_per_s: float, memory: dict[str, int]) -> None:
+        lr = self.lr_schedulers.schedulers[0].get_last_lr()[0]
+        rss = peak_rss_bytes()
+        per_rank = all_gather_object({**memory, "peak_rss": rss})
+        values = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s * 1.0, "stage": plan.index}
+        for r, mem in enumerate(per_rank):
+            for k, v in mem.items():
+                values[f"memory/rank{r}/{k}"] = v
+        self.metrics.scalars(values, self.global_step)
+        log.info(f"[stage {plan.index}] step {step:>5}/{plan.steps} | loss {loss:.4f} | lr {lr:.2e} | gnorm {grad_norm:.3f} "
+                 f"| {tokens_per_s:,.0f} tok/s | model states {fmt_bytes(memory['model_states'])} | peak rss {fmt_bytes(rss)}")
+
+    def save_checkpoint(self, plan: StagePlan, model: nn.Module, step: int) -> None:
+        peft_state = {str(i): m.state_dict() for i, m in enumerate(plan.peft)}
+        self.checkpointer.save(plan.index, step, model, self.optimizer, self.lr_schedulers,
+                               self.trainer_state(), peft_state)
+
+    def trainer_state(self) -> dict[str, Any]:
+        return {"samples_seen": self.samples_seen, "global_step": self.global_step,
+                "stage_summaries": json.dumps(self.stage_summaries)}
+
+    def load_checkpoint(self, info: CheckpointInfo, plan: StagePlan, model: nn.Module) -> int:
+        state = self.checkpointer.load(info, model, self.optimizer, self.lr_schedulers)
+        trainer = state["trainer"]
+        self.samples_seen = int(trainer["samples_seen"])
+        self.global_step = int(trainer["global_step"])
+        self.stage_summaries = json.loads(trainer["stage_summaries"])
+        for i, method in enumerate(plan.peft):
+            method.load_state_dict(state["peft"].get(str(i), {}))
+        return info.step
+
+    def write_summary(self) -> dict[str, Any]:
+        last = self.stage_summaries[-1] if self.stage_summaries else {}
+        summary = {
+            "recipe": self.recipe.name, "world_size": self.env.world_size,
+            "final_val_loss": last.get("val_loss"), "final_val_ppl": last.get("val_ppl"),
+            "peak_rss_bytes": max((s["peak_rss_bytes"] for s in self.stage_summaries), default=0),
+            "peak_model_state_bytes": max((s["peak_model_state_bytes"] for s in self.stage_summaries), default=0),
+            "stages": self.stage_summaries, "recipe_resolved": to_dict(self.recipe),
+        }
+        if self.env.is_main:
+            tmp = self.run_dir / "summary.json.tmp"
+            tmp.write_text(json.dumps(summary, indent=1))
+            tmp.replace(self.run_dir / "summary.json")
+            log.info(f"summary: final val loss {summary['final_val_loss']:.4f} -> {self.run_dir / 'summary.json'}")
+        return summary
+
+
+class _SameShape(GrowthOperator):
+    """Carry every weight over unchanged (a stage with no growth operator)."""
+
+    registry_name = "copy"
+
+    def layer_sources(self, src):
+        return [LayerSource((j,), new=False) for j in range(src.n_layers)]
+
+    def is_exact(self) -> bool:
+        return True
+
+
+def prepare_run_dir(recipe: Recipe) -> None:
+    """Refuse to reuse another run's folder unless resuming or told to overwrite."""
+    run_dir = recipe.run_dir
+    if run_dir.exists() and any(run_dir.iterdir()):
+        has_ckpt = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
+        if recipe.overwrite:
+            shutil.rmtree(run_dir)
+        elif not (has_ckpt and recipe.checkpoint.resume != "never"):
+            raise FileExistsError(
+                f"output folder {run_dir} already holds a run; resume it (it has no checkpoint to resume from), "
+                f"choose another name= / output_dir=, or pass overwrite=true"
+                if not has_ckpt else
+                f"output folder {run_dir} holds checkpoints but checkpoint.resume=never; pass overwrite=true to start afresh"
+            )
+    run_dir.mkdir(parents=True, exist_ok=True)
