@@ -136,3 +136,12 @@ def count_params(model: nn.Module) -> tuple[int, int]:
         else:
             frozen += n
     return trainable, frozen
+
+
+def params_by_group(model: nn.Module, old_layers: set[int], base_names: set[str]) -> dict[str, dict[str, int]]:
+    """{"trainable": {group: n}, "frozen": {group: n}} with groups old/new/embeddings/head/adapters."""
+    out = {kind: dict.fromkeys(("old", "new", "embeddings", "head", "adapters"), 0) for kind in ("trainable", "frozen")}
+    for name, p in model.named_parameters():
+        group = layer_group_of(name, old_layers) if name in base_names else "adapters"
+        out["trainable" if p.requires_grad else "frozen"][group] += p.numel()
+    return out

@@ -36,7 +36,7 @@ from steptitan.metrics import (
     peak_rss_bytes,
     reset_peak_rss,
 )
-from steptitan.model import init_model_weights
+from steptitan.model import base_param_names, init_model_weights, params_by_group
 from steptitan.peft import StepContext
 from steptitan.plan import StagePlan
 from steptitan.recipe import Recipe, to_dict
@@ -147,6 +147,7 @@ class Trainer:
     def train_stage(self, plan: StagePlan, model: nn.Module, start_step: int) -> int:
         trainable = [p for p in model.parameters() if p.requires_grad]
         tokens_done = 0
+        self.stage_losses: list[float] = []
         for step in range(start_step + 1, plan.steps + 1):
             t = time.perf_counter()
             loss, grad_norm, memory = self.train_step(plan, model, trainable, step)
@@ -155,6 +156,7 @@ class Trainer:
             for method in plan.peft:
                 method.after_optimizer_step(StepContext(step, model, self.optimizer, self.cfg.seed))
             self.global_step += 1
+            self.stage_losses.append(loss)
             dt = time.perf_counter() - t
             step_tokens = self.env.world_size * self.cfg.batch_size * self.cfg.grad_accum * self.cfg.seq_len
             tokens_done += step_tokens
@@ -222,11 +224,15 @@ class Trainer:
         if self.recipe.checkpoint.enabled:
             self.save_checkpoint(plan, model, plan.steps)
         memory = memory_breakdown(model, self.optimizer, [m.extra_state_bytes() for m in plan.peft])
+        groups = params_by_group(model, plan.old_layers, base_param_names(plan.shape))
         per_rank = all_gather_object({"rank": self.env.rank, "memory": memory, "peak_rss": peak_rss_bytes(),
                                       "cuda_peak": cuda_peak_bytes(), "peak_step_memory": self.stage_peak_memory})
         self.stage_summaries.append({
             "index": plan.index, "name": plan.name, "n_layers": plan.shape.n_layers, "dim": plan.shape.dim,
             "steps": plan.steps, "trainable_params": plan.trainable_params, "frozen_params": plan.frozen_params,
+            "trainable_by_group": groups["trainable"], "frozen_by_group": groups["frozen"],
+            "first_loss": self.stage_losses[0] if self.stage_losses else None,
+            "last_loss": self.stage_losses[-1] if self.stage_losses else None,
             "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)), "wall_s": wall,
             "tokens_per_s": tokens / wall if tokens else 0.0,
             "peak_rss_bytes": max(r["peak_rss"] for r in per_rank),

@@ -1,0 +1,5 @@
+import sys
+
+from steptitan.cli import main
+
+sys.exit(main())

@@ -1,0 +1,50 @@
+"""The ``steptitan`` console script: ``steptitan train ...``, ``steptitan list-plugins``."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from typing import Sequence
+
+USAGE = """usage: steptitan <command> [args]
+
+commands:
+  train RECIPE.toml [key=value ...] [--dry-run]   run a recipe (single process; use torchrun for more)
+  list-plugins                                    list growth operators and PEFT methods with their options
+"""
+
+
+def list_plugins() -> str:
+    from steptitan.registry import GROWTH, PEFT
+
+    lines = []
+    for title, registry in (("growth operators", GROWTH), ("PEFT methods", PEFT)):
+        lines.append(f"{title}:")
+        for name in registry.names():
+            cls = registry.get(name)
+            lines.append(f"  {name:<18} {getattr(cls, 'description', '')}  [{cls.__module__}]")
+            for f in dataclasses.fields(cls.Options):
+                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+                lines.append(f"      {f.name} = {default!r}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "train":
+        from steptitan.train import main as train_main
+
+        return train_main(rest)
+    if command == "list-plugins":
+        print(list_plugins())
+        return 0
+    print(f"steptitan: unknown command {command!r}\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

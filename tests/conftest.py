@@ -1,0 +1,102 @@
+"""Shared test helpers: real multi-process gloo groups, torchrun launches, tiny shapes.
+
+* ``run_distributed(fn, world_size, **kwargs)`` runs ``fn(env, **kwargs)`` in
+  ``world_size`` spawned processes with a real gloo process group and returns
+  the list of per-rank return values (exceptions are re-raised with the rank).
+  ``fn`` must be a module-level function of a test module.
+* ``run_torchrun(args, nproc)`` launches ``torchrun -m steptitan.train`` and
+  returns the CompletedProcess.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from hypothesis import HealthCheck, settings
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+WIKITEXT = SHARED / "data" / "wikitext-2"
+
+# Hypothesis profiles: "ci" (the default run) and "dev" (quick local loops).
+settings.register_profile(
+    "ci", max_examples=60, deadline=None, derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+settings.register_profile("dev", max_examples=10, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+torch.set_num_threads(1)  # the CI machine has 2 cores; tests may run 2 ranks at once
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, fn: Callable, kwargs: dict, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from steptitan.distributed import init_distributed, shutdown_distributed
+
+    result: Any
+    try:
+        env = init_distributed("gloo", timeout_s=120)
+        try:
+            result = ("ok", fn(env, **kwargs))
+        finally:
+            shutdown_distributed()
+    except BaseException:  # noqa: BLE001 - re-raised in the parent with the rank
+        result = ("error", traceback.format_exc())
+    with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as fh:
+        pickle.dump(result, fh)
+
+
+def run_distributed(fn: Callable, world_size: int = 2, **kwargs) -> list[Any]:
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.start_processes(_worker, args=(world_size, free_port(), fn, kwargs, out_dir),
+                           nprocs=world_size, join=True, start_method="spawn")
+        results = []
+        for rank in range(world_size):
+            with open(os.path.join(out_dir, f"rank{rank}.pkl"), "rb") as fh:
+                status, value = pickle.load(fh)
+            if status == "error":
+                raise AssertionError(f"rank {rank} failed:\n{value}")
+            results.append(value)
+        return results
+
+
+def run_torchrun(args: list[str], nproc: int = 2, timeout: float = 600, env: dict | None = None,
+                 cwd: Path | None = None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           f"--master_port={free_port()}", "-m", "steptitan.train", *args]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd or REPO)
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One token/tokenizer cache for the whole session (tokenizing once saves minutes)."""
+    return tmp_path_factory.mktemp("steptitan-cache")
+
+
+def wikitext_overrides(cache: Path) -> list[str]:
+    """Recipe overrides that train on WikiText-2 valid and evaluate on its test split."""
+    if not WIKITEXT.is_dir():
+        pytest.skip(f"{WIKITEXT} is missing (../shared/data/wikitext-2 must sit beside the repo)")
+    return [f"data.files=[{WIKITEXT / 'valid.txt'}]", f"data.val_files=[{WIKITEXT / 'test.txt'}]",
+            f"data.cache_dir={cache}", "data.max_chars=300000"]
