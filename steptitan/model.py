@@ -107,6 +107,7 @@ def build_model(shape: ModelShape, device: str | torch.device = "meta") -> Trans
     return model
 
 
+@torch.no_grad()
 def init_model_weights(model: Transformer) -> None:
     """torchtitan's init, keeping a tied LM head tied to the embedding."""
     model.init_weights(buffer_device=model.tok_embeddings.weight.device)

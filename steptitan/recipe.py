@@ -91,6 +91,10 @@ class TrainingConfig:
     eval_batches: int = 8  # per rank; 0 = the whole validation split
     deterministic: bool = False
     backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | gloo | nccl
+    # Reliability (docs/reliability.md).
+    skip_nonfinite: int = 0  # 0 = stop at the first NaN/inf loss; N > 0 = drop such steps' updates, at most N per run
+    heartbeat_timeout_s: float = 60.0  # a rank silent this long is declared failed and every rank exits (0 = off)
+    collective_timeout_s: float = 600.0  # process-group timeout: the last line of defence for a stuck collective
 
 
 @dataclass
@@ -261,7 +265,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     cfg = OmegaConf.create(data)
     for key, value in parse_overrides(overrides):
         try:
-            OmegaConf.update(cfg, key, value, merge=True, force_add=True)
+            # A table value replaces the table (stages.1.growth={name: stack}),
+            # so options of the previous plugin do not linger.
+            OmegaConf.update(cfg, key, value, merge=not isinstance(value, dict), force_add=True)
         except Exception as exc:
             raise RecipeError(f"override {key}={value!r}: {exc}".splitlines()[0]) from None
     return OmegaConf.to_container(cfg)  # type: ignore[return-value]
@@ -338,6 +344,12 @@ def check_values(recipe: Recipe) -> list[str]:
         errors.append(f"training.dtype: {t.dtype!r} is not one of float32, bfloat16{_suggest(t.dtype, ('float32', 'bfloat16'))}")
     if t.backend not in ("auto", "gloo", "nccl"):
         errors.append(f"training.backend: {t.backend!r} is not one of auto, gloo, nccl")
+    _positive(errors, "training.skip_nonfinite", t.skip_nonfinite, allow_zero=True)
+    _positive(errors, "training.heartbeat_timeout_s", t.heartbeat_timeout_s, allow_zero=True)
+    _positive(errors, "training.collective_timeout_s", t.collective_timeout_s)
+    for name in ("heartbeat_timeout_s", "collective_timeout_s"):
+        if getattr(t, name) > 7 * 24 * 3600:  # also keeps datetime.timedelta from overflowing
+            errors.append(f"training.{name}: must be <= 604800 (one week), got {getattr(t, name)}")
     if t.seq_len > 1_000_000 or t.batch_size > 1_000_000:
         errors.append("training: seq_len and batch_size must be <= 1,000,000")
     if not 0 <= t.beta1 < 1 or not 0 <= t.beta2 < 1:

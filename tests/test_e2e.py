@@ -67,3 +67,24 @@ def test_step_recipe_two_ranks_then_resume(tmp_path, cache_dir):
     resumed = json.loads((run_dir / "summary.json").read_text())
     assert [s["index"] for s in resumed["stages"]] == [0, 1]
     assert resumed["stages"][1]["val_loss"] == pytest.approx(s1["val_loss"], rel=1e-4)
+
+
+def test_vanilla_single_process_without_torchrun(tmp_path, cache_dir):
+    """World size 1, no torchrun: the same code path (FSDP2 over a one-rank gloo group)."""
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "vanilla"
+    args = wikitext_overrides(cache_dir) + [f"output_dir={run_dir}", "training.seq_len=32", "training.batch_size=4",
+                                            "stages.0.steps=4", "training.warmup_steps=1", "training.eval_batches=2",
+                                            "checkpoint.enabled=false"]
+    proc = subprocess.run([sys.executable, "-m", "steptitan.train", "recipes/vanilla.toml", *args],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 1 and summary["stages"][0]["n_layers"] == 4
+    assert not (run_dir / "checkpoints").exists()
+    # A second run into the same folder is refused: it would overwrite a finished run.
+    again = subprocess.run([sys.executable, "-m", "steptitan.train", "recipes/vanilla.toml", *args],
+                           capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert again.returncode == 2 and "already holds a run" in again.stderr

@@ -86,6 +86,7 @@ class LoRA(PeftMethod):
             lora.weight.requires_grad_(False)
             setattr(parent, attr, lora)
 
+    @torch.no_grad()
     def init_weights(self, model: nn.Module) -> None:
         for name, module in lora_modules(model):
             if int(name.split(".")[1]) not in self.layers:
