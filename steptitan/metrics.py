@@ -40,6 +40,8 @@ def memory_breakdown(model: nn.Module, optimizer: Any | None = None, extra: Iter
                 for v in state.values():
                     if isinstance(v, torch.Tensor):
                         out["optimizer"] += _nbytes(v)
+                    elif isinstance(getattr(v, "ortho_matrix", None), torch.Tensor):  # GaLore's projector
+                        out["optimizer"] += _nbytes(v.ortho_matrix)
     out["adapter_pools"] = int(sum(extra))
     out["model_states"] = out["params_trainable"] + out["params_frozen"] + out["grads"] + out["optimizer"] + out["adapter_pools"]
     return dict(out)
@@ -59,7 +61,10 @@ def peak_rss_bytes() -> int:
 
 
 def reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark (Linux ``clear_refs`` 5) so each stage gets its own peak."""
+    """Reset the kernel's peak-RSS mark (Linux ``clear_refs`` 5) so each stage gets its own peak
+    (and CUDA's max-allocated mark, when on GPU)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     try:
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")

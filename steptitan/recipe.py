@@ -86,6 +86,9 @@ class TrainingConfig:
     max_grad_norm: float = 1.0  # <= 0 disables clipping
     seed: int = 0
     dtype: str = "float32"  # FSDP2 compute dtype: float32 | bfloat16 (master weights stay fp32)
+    frozen_dtype: str = "float32"  # storage dtype of frozen weights: float32 | bfloat16 (STEP's policy: 2 B per frozen param)
+    optimizer: str = "adamw"  # adamw | galore (galore-torch GaLoreAdamW on block linears; extra "galore")
+    galore: dict[str, Any] = field(default_factory=dict)  # rank (128), update_proj_gap (200), scale (0.25), targets
     activation_checkpointing: bool = False
     eval_interval: int = 0  # 0 = only at stage ends
     eval_batches: int = 8  # per rank; 0 = the whole validation split
@@ -342,6 +345,13 @@ def check_values(recipe: Recipe) -> list[str]:
         errors.append(f"training.decay_type: {t.decay_type!r} is not one of linear, sqrt, cosine{_suggest(t.decay_type, ('linear', 'sqrt', 'cosine'))}")
     if t.dtype not in ("float32", "bfloat16"):
         errors.append(f"training.dtype: {t.dtype!r} is not one of float32, bfloat16{_suggest(t.dtype, ('float32', 'bfloat16'))}")
+    if t.frozen_dtype not in ("float32", "bfloat16"):
+        errors.append(f"training.frozen_dtype: {t.frozen_dtype!r} is not one of float32, bfloat16")
+    if t.optimizer not in ("adamw", "galore"):
+        errors.append(f"training.optimizer: {t.optimizer!r} is not one of adamw, galore{_suggest(t.optimizer, ('adamw', 'galore'))}")
+    unknown_galore = set(t.galore) - {"rank", "update_proj_gap", "scale", "targets"}
+    if unknown_galore:
+        errors.append(f"training.galore: unknown keys {sorted(unknown_galore)}; known: rank, update_proj_gap, scale, targets")
     if t.backend not in ("auto", "gloo", "nccl"):
         errors.append(f"training.backend: {t.backend!r} is not one of auto, gloo, nccl")
     _positive(errors, "training.skip_nonfinite", t.skip_nonfinite, allow_zero=True)

@@ -36,6 +36,7 @@ from steptitan.metrics import (
     peak_rss_bytes,
     reset_peak_rss,
 )
+from steptitan.memory import cast_frozen_params, galore_optimizer_factory, predict_stage, stage_flops_per_token
 from steptitan.model import base_param_names, init_model_weights, params_by_group
 from steptitan.peft import StepContext
 from steptitan.plan import StagePlan
@@ -108,6 +109,7 @@ class Trainer:
     def build_stage_model(self, plan: StagePlan, grow_from: nn.Module | None = None, prev: StagePlan | None = None) -> nn.Module:
         """Meta model + PEFT -> FSDP2 -> materialise + init -> (growth from the previous stage)."""
         model = plan.build()
+        cast_frozen_params(model, DTYPES[self.cfg.frozen_dtype])  # the precision policy's frozen storage
         shard_model(model, self.env.mesh, DTYPES[self.cfg.dtype], torch.float32, self.cfg.activation_checkpointing)
         model.to_empty(device=self.env.device)
         torch.manual_seed(self.cfg.seed + plan.index)
@@ -129,7 +131,11 @@ class Trainer:
         """AdamW over trainable parameters only, with the stage's LR schedule."""
         kwargs = {"lr": plan.lr, "betas": (self.cfg.beta1, self.cfg.beta2), "eps": self.cfg.eps,
                   "weight_decay": self.cfg.weight_decay, "foreach": True}
-        self.optimizer = OptimizersContainer([model], torch.optim.AdamW, kwargs)
+        optimizer_cls = torch.optim.AdamW
+        if self.cfg.optimizer == "galore":  # galore-torch's GaLoreAdamW (optional extra "galore"; memory.py)
+            optimizer_cls = galore_optimizer_factory(model, self.cfg.galore)
+            kwargs.pop("foreach")
+        self.optimizer = OptimizersContainer([model], optimizer_cls, kwargs)
         sched_cfg = LRSchedulerConfig(warmup_steps=min(plan.warmup_steps, plan.steps), decay_type=self.cfg.decay_type,
                                       min_lr_factor=self.cfg.min_lr_factor)
         base_lambda = build_lr_schedulers(self.optimizer, sched_cfg, plan.steps).schedulers[0].lr_lambdas[0]
@@ -225,6 +231,8 @@ class Trainer:
             self.save_checkpoint(plan, model, plan.steps)
         memory = memory_breakdown(model, self.optimizer, [m.extra_state_bytes() for m in plan.peft])
         groups = params_by_group(model, plan.old_layers, base_param_names(plan.shape))
+        predicted = predict_stage(plan, self.env.world_size, self.cfg)  # steptitan/memory.py, checked in BENCHMARKS.md
+        flops = stage_flops_per_token(plan, self.cfg.seq_len, self.cfg.activation_checkpointing)
         per_rank = all_gather_object({"rank": self.env.rank, "memory": memory, "peak_rss": peak_rss_bytes(),
                                       "cuda_peak": cuda_peak_bytes(), "peak_step_memory": self.stage_peak_memory})
         self.stage_summaries.append({
@@ -237,8 +245,17 @@ class Trainer:
             "tokens_per_s": tokens / wall if tokens else 0.0,
             "peak_rss_bytes": max(r["peak_rss"] for r in per_rank),
             "peak_model_state_bytes": max(r["peak_step_memory"].get("model_states", 0) for r in per_rank),
+            "predicted_model_state_bytes": [r["model_states"] for r in predicted.per_rank],
+            "predicted_activation_bytes": predicted.activations,
+            "flops_per_token": flops.as_dict(),
+            "train_flops": flops.total * plan.steps * self.env.world_size * self.cfg.batch_size * self.cfg.grad_accum * self.cfg.seq_len,
             "ranks": per_rank,
         })
+        for r in per_rank:  # per-stage peaks (model states at the largest step, RSS, CUDA) in TensorBoard
+            step_mem = r["peak_step_memory"]
+            self.metrics.scalars({f"stage_memory/rank{r['rank']}/{k}": v for k, v in
+                                  {**step_mem, "peak_rss": r["peak_rss"], "cuda_max_allocated": r["cuda_peak"]}.items()},
+                                 self.global_step)
         self.stage_peak_memory = {}
 
     def log_step(self, plan: StagePlan, step: int, loss: float, grad_norm: float, tokens_per_s: float, memory: dict[str, int]) -> None:
