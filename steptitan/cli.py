@@ -11,6 +11,7 @@ USAGE = """usage: steptitan <command> [args]
 commands:
   train RECIPE.toml [key=value ...] [--dry-run]   run a recipe (single process; use torchrun for more)
   list-plugins                                    list growth operators and PEFT methods with their options
+  plan [--dim D --layers L -K 3 --peft lora ...]  best STEP stage splits by peak memory; --write-recipe; --budget
 """
 
 
@@ -39,6 +40,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from steptitan.train import main as train_main
 
         return train_main(rest)
+    if command == "plan":
+        from steptitan.memory import plan_cli
+
+        return plan_cli(rest)
     if command == "list-plugins":
         print(list_plugins())
         return 0
