@@ -6,12 +6,18 @@ in this order:
 1. ``apply(model)`` on the meta-device model, before sharding: add adapter
    parameters/modules (never renaming the dense model's parameters) and freeze
    what the method freezes;
-2. ``init_weights(model)`` after the model is materialised and initialised;
-3. ``lr_factor(step)`` inside the LR schedule (multiplies the base schedule);
-4. ``after_optimizer_step(ctx)`` after every optimizer step (resets, switches);
-5. ``merge(model)`` at the end of the stage: fold adapters into the base
+2. ``init_weights(model)`` after the model is materialised, initialised and
+   grown (so an init may read or compensate the base weights);
+3. ``optimizer_class(model)`` on the sharded model, when the optimizer is
+   built: ``None`` (torch AdamW) or ``(class, extra kwargs)`` for a method that
+   needs its own optimizer (SwitchLoRA's per-row step counts);
+4. ``lr_factor(step)`` inside the LR schedule (multiplies the base schedule;
+   ``step`` is the 0-based scheduler step, so keep it a pure function of it);
+5. ``before_optimizer_step(ctx)`` just before every optimizer step (freezes);
+6. ``after_optimizer_step(ctx)`` after every optimizer step (resets, switches);
+7. ``merge(model)`` at the end of the stage: fold adapters into the base
    weights exactly, leaving the function unchanged;
-6. ``state_dict()`` / ``load_state_dict()`` for counters and pools on resume.
+8. ``state_dict()`` / ``load_state_dict()`` for counters and pools on resume.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ class StepContext:
     model: nn.Module
     optimizer: Any  # torchtitan OptimizersContainer
     seed: int
+    total_steps: int = 0  # the stage's step budget (0 = unknown)
 
 
 class PeftMethod:
@@ -52,8 +59,14 @@ class PeftMethod:
     def init_weights(self, model: nn.Module) -> None:
         pass
 
+    def optimizer_class(self, model: nn.Module) -> tuple[type, dict[str, Any]] | None:
+        return None
+
     def lr_factor(self, step: int) -> float:
         return 1.0
+
+    def before_optimizer_step(self, ctx: StepContext) -> None:
+        """``ctx.step`` is the step about to be taken (1 for the first)."""
 
     def after_optimizer_step(self, ctx: StepContext) -> None:
         pass
@@ -91,6 +104,14 @@ def target_linears(model: nn.Module, layers: list[int], patterns: list[str]) -> 
                 parent = block.get_submodule(parent_name) if parent_name else block
                 found.append((f"layers.{j}.{name}", parent, attr, module))
     return found
+
+
+def optimizer_state(optimizer: Any, param: torch.Tensor) -> dict[str, Any]:
+    """The optimizer state of ``param`` (empty before its first step); works for a container or one optimizer."""
+    for opt in getattr(optimizer, "optimizers", [optimizer]):
+        if param in opt.state:
+            return opt.state[param]
+    return {}
 
 
 def seeded_generator(seed: int, *keys: object) -> torch.Generator:

@@ -107,7 +107,7 @@ class Trainer:
     # ------------------------------------------------------------------ building a stage
 
     def build_stage_model(self, plan: StagePlan, grow_from: nn.Module | None = None, prev: StagePlan | None = None) -> nn.Module:
-        """Meta model + PEFT -> FSDP2 -> materialise + init -> (growth from the previous stage)."""
+        """Meta model + PEFT -> FSDP2 -> materialise + init -> (growth from the previous stage) -> PEFT init."""
         model = plan.build()
         cast_frozen_params(model, DTYPES[self.cfg.frozen_dtype])  # the precision policy's frozen storage
         shard_model(model, self.env.mesh, DTYPES[self.cfg.dtype], torch.float32, self.cfg.activation_checkpointing)
@@ -115,8 +115,6 @@ class Trainer:
         torch.manual_seed(self.cfg.seed + plan.index)
         with torch.no_grad():
             init_model_weights(model)
-            for method in plan.peft:
-                method.init_weights(model)
         if grow_from is not None and prev is not None:
             for method in prev.peft:  # fold the previous stage's adapters into its weights first
                 method.merge(grow_from)
@@ -125,6 +123,9 @@ class Trainer:
             grower.grow(grow_from, model, prev.shape)
             log.info(f"grew {prev.shape.n_layers} -> {plan.shape.n_layers} layers with "
                      f"{getattr(grower, 'registry_name', 'copy')} in {time.perf_counter() - t:.2f}s")
+        with torch.no_grad():  # after growth: an adapter init may compensate the grown base weights (docs/peft.md)
+            for method in plan.peft:
+                method.init_weights(model)
         return model
 
     def build_optimizer(self, plan: StagePlan, model: nn.Module) -> None:
@@ -132,6 +133,11 @@ class Trainer:
         kwargs = {"lr": plan.lr, "betas": (self.cfg.beta1, self.cfg.beta2), "eps": self.cfg.eps,
                   "weight_decay": self.cfg.weight_decay, "foreach": True}
         optimizer_cls = torch.optim.AdamW
+        for method in plan.peft:  # a method may need its own AdamW (SwitchLoRA: per-row step counts)
+            choice = method.optimizer_class(model)
+            if choice is not None:
+                optimizer_cls, extra = choice
+                kwargs.update(extra)
         if self.cfg.optimizer == "galore":  # galore-torch's GaLoreAdamW (optional extra "galore"; memory.py)
             optimizer_cls = galore_optimizer_factory(model, self.cfg.galore)
             kwargs.pop("foreach")
@@ -160,7 +166,7 @@ class Trainer:
             if memory["model_states"] >= self.stage_peak_memory.get("model_states", 0):
                 self.stage_peak_memory = memory
             for method in plan.peft:
-                method.after_optimizer_step(StepContext(step, model, self.optimizer, self.cfg.seed))
+                method.after_optimizer_step(StepContext(step, model, self.optimizer, self.cfg.seed, plan.steps))
             self.global_step += 1
             self.stage_losses.append(loss)
             dt = time.perf_counter() - t
@@ -195,6 +201,8 @@ class Trainer:
         loss_avg /= self.env.world_size
         if not math.isfinite(loss_avg):
             raise TrainingError(f"non-finite loss {loss_avg} at stage {plan.index} ({plan.name}), step {step}")
+        for method in plan.peft:  # e.g. SwitchLoRA's counterpart freeze
+            method.before_optimizer_step(StepContext(step, model, self.optimizer, self.cfg.seed, plan.steps))
         self.optimizer.step()
         self.lr_schedulers.step()
         return loss_avg, grad_norm, memory

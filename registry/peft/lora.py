@@ -1,8 +1,23 @@
 """LoRA (Hu et al. 2021, Eq. 3): y = W x + s * B A dropout(x), s = alpha / r.
 
-The base weight W is frozen; A starts Kaiming-uniform(a=sqrt(5)) and B at zero
-so the adapted model equals the base model at init (ReLoRA code defaults,
-methods.md). ``merge`` folds s*B*A into W and zeroes B: exact up to rounding.
+The base weight W is frozen. Initialisations (``init``):
+
+* ``kaiming``  A ~ Kaiming-uniform(a=sqrt(5)), B = 0 (LoRA / ReLoRA code default, methods.md);
+* ``gaussian`` A ~ N(0, 1/r^2), B = 0 (peft's "gaussian");
+* ``uniform``  A and B both non-zero (nn.Linear's default uniform init for each,
+  as SwitchLoRA starts, arXiv 2406.06564 Sec. 3.2), and W -= s*B*A so the
+  adapted model still computes W x;
+* ``pissa``    B A = the top-r singular triplets of W (PiSSA, Meng et al. 2024,
+  arXiv 2404.02948 Sec. 3): B = U_r S_r^1/2 / sqrt(s), A = S_r^1/2 V_r^T / sqrt(s),
+  W -= s*B*A (the residual). Gathers each W once per init.
+
+Every choice leaves the model's function unchanged (exact for B = 0, up to
+float32 rounding otherwise) and none starts with A = B = 0, the reference
+ReLoRA bug where no gradient ever reaches either factor.
+
+``merge`` folds s*B*A into W and zeroes B: exact up to rounding. Everything
+works on FSDP2-sharded parameters (each rank updates its rows of W) and on
+plain tensors (one process, export).
 """
 
 from __future__ import annotations
@@ -19,16 +34,16 @@ from steptitan.peft import PeftMethod, init_like, seeded_generator, target_linea
 from steptitan.registry import PEFT
 
 ALL_LINEARS = ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]
-INITS = ("kaiming", "gaussian")
+INITS = ("kaiming", "gaussian", "uniform", "pissa")
 
 
 @dataclass
 class LoRAOptions:
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    targets: list[str] = field(default_factory=lambda: list(ALL_LINEARS))
-    init: str = "kaiming"  # kaiming (A ~ Kaiming-uniform, B = 0) | gaussian (A ~ N(0, 1/r), B = 0)
+    rank: int = 8  # r: inner dimension of B A
+    alpha: float = 16.0  # s = alpha / rank scales the update
+    dropout: float = 0.0  # dropout on the adapter's input only
+    targets: list[str] = field(default_factory=lambda: list(ALL_LINEARS))  # block linears by name or glob ("wq", "attention.*")
+    init: str = "kaiming"  # kaiming | gaussian (B = 0) | uniform | pissa (B != 0, W compensated); see the module doc
 
 
 class LoRALinear(nn.Linear):
@@ -45,17 +60,69 @@ class LoRALinear(nn.Linear):
         return F.linear(x, self.weight) + self.scale * F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)
 
 
-def lora_modules(model: nn.Module) -> list[tuple[str, LoRALinear]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+def layer_of(name: str) -> int:
+    """Block index of a qualified module name ("layers.3.attention.wq" -> 3)."""
+    return int(name.split(".")[1])
+
+
+def lora_modules(model: nn.Module, layers: list[int] | None = None) -> list[tuple[str, LoRALinear]]:
+    """(name, module) of every LoRALinear, in module order (the same on every rank), optionally in ``layers`` only."""
+    keep = None if layers is None else set(layers)
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(m, LoRALinear) and (keep is None or layer_of(n) in keep)]
+
+
+@torch.no_grad()
+def add_to_weight(module: LoRALinear, delta: torch.Tensor) -> None:
+    """W += delta, where ``delta`` is the full (out, in) matrix held identically by every rank."""
+    w = local_tensor(module.weight)
+    w.add_(local_part(delta.to(w.device), module.weight).to(w.dtype))
 
 
 @torch.no_grad()
 def merge_lora_linear(module: LoRALinear) -> None:
     """W += s * B A on this rank's rows of W; then B = 0 (the function is unchanged)."""
     delta = module.scale * (full_tensor(module.lora_B).float() @ full_tensor(module.lora_A).float())
-    w = local_tensor(module.weight)
-    w.add_(local_part(delta, module.weight).to(w.dtype))
+    add_to_weight(module, delta)
     local_tensor(module.lora_B).zero_()
+
+
+def uniform_fan_in_(t: torch.Tensor, g: torch.Generator) -> None:
+    """nn.Linear's default init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) with fan_in = t.shape[1]."""
+    bound = 1.0 / math.sqrt(t.shape[1])
+    nn.init.uniform_(t, -bound, bound, generator=g)
+
+
+@torch.no_grad()
+def init_lora_linear(module: LoRALinear, init: str, gen: torch.Generator) -> None:
+    """Draw A and B by ``init`` and compensate W so s*B*A + W is the old W (docs/peft.md, "LoRA")."""
+    rank = module.lora_A.shape[0]
+    if init == "kaiming":
+        init_like(module.lora_A, lambda t, g: nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=g), gen)
+        local_tensor(module.lora_B).zero_()
+    elif init == "gaussian":
+        init_like(module.lora_A, lambda t, g: nn.init.normal_(t, std=1.0 / rank, generator=g), gen)
+        local_tensor(module.lora_B).zero_()
+    elif init == "uniform":
+        init_like(module.lora_A, uniform_fan_in_, gen)
+        init_like(module.lora_B, uniform_fan_in_, gen)
+        add_to_weight(module, -module.scale * (full_tensor(module.lora_B).float() @ full_tensor(module.lora_A).float()))
+    elif init == "pissa":
+        w = full_tensor(module.weight).double()  # the same on every rank, so every rank gets the same SVD
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        k = min(rank, s.numel())
+        root = (s[:k] / module.scale).sqrt()
+        b = torch.zeros(module.lora_B.shape, dtype=torch.float64)
+        a = torch.zeros(module.lora_A.shape, dtype=torch.float64)
+        b[:, :k] = u[:, :k] * root
+        a[:k] = root[:, None] * vh[:k]
+        if k < rank:  # r > min(out, in): extra directions get a random A row (B = 0), never A = B = 0
+            a[k:] = torch.empty(rank - k, a.shape[1]).uniform_(-1.0, 1.0, generator=gen).double() / math.sqrt(a.shape[1])
+        for p, full in ((module.lora_A, a), (module.lora_B, b)):
+            local_tensor(p).copy_(local_part(full.float().to(local_tensor(p).device), p))
+        add_to_weight(module, -module.scale * (b @ a).float())
+    else:
+        raise ValueError(f"unknown LoRA init {init!r}")
 
 
 @PEFT.register("lora")
@@ -65,18 +132,21 @@ class LoRA(PeftMethod):
 
     def __init__(self, options: LoRAOptions, layers: list[int], seed: int = 0):
         super().__init__(options, layers, seed)
+        name = self.registry_name
         if options.rank <= 0:
-            raise ValueError(f"lora.rank must be > 0, got {options.rank}")
+            raise ValueError(f"{name}.rank must be > 0, got {options.rank}")
         if not 0.0 <= options.dropout < 1.0:
-            raise ValueError(f"lora.dropout must be in [0, 1), got {options.dropout}")
+            raise ValueError(f"{name}.dropout must be in [0, 1), got {options.dropout}")
         if options.init not in INITS:
-            raise ValueError(f"lora.init must be one of {', '.join(INITS)}, got {options.init!r}")
+            raise ValueError(f"{name}.init must be one of {', '.join(INITS)}, got {options.init!r}")
+        if not options.targets:
+            raise ValueError(f"{name}.targets must name at least one linear (e.g. {ALL_LINEARS})")
         self.scale = options.alpha / options.rank
 
     def apply(self, model: nn.Module) -> None:
         targets = target_linears(model, self.layers, self.options.targets)
         if self.layers and not targets:
-            raise ValueError(f"lora.targets {self.options.targets} match no linear in layers {self.layers}")
+            raise ValueError(f"{self.registry_name}.targets {self.options.targets} match no linear in layers {self.layers}")
         for _, parent, attr, linear in targets:
             if isinstance(linear, LoRALinear):
                 raise ValueError(f"{attr} already has an adapter; two adapter methods target the same linear")
@@ -86,24 +156,22 @@ class LoRA(PeftMethod):
             lora.weight.requires_grad_(False)
             setattr(parent, attr, lora)
 
+    def modules(self, model: nn.Module) -> list[tuple[str, LoRALinear]]:
+        """The adapted linears this method owns (its layers)."""
+        return lora_modules(model, self.layers)
+
     @torch.no_grad()
     def init_weights(self, model: nn.Module) -> None:
-        for name, module in lora_modules(model):
-            if int(name.split(".")[1]) not in self.layers:
-                continue
+        reshard(model)
+        for name, module in self.modules(model):
             self.init_adapter(name, module, generation=0)
 
     def init_adapter(self, name: str, module: LoRALinear, generation: int) -> None:
-        gen = seeded_generator(self.seed, name, generation)
-        if self.options.init == "kaiming":
-            init_like(module.lora_A, lambda t, g: nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=g), gen)
-        else:
-            init_like(module.lora_A, lambda t, g: nn.init.normal_(t, std=1.0 / self.options.rank, generator=g), gen)
-        local_tensor(module.lora_B).zero_()
+        """(Re-)initialise one adapter from a generator seeded by (seed, name, generation): the same on every rank."""
+        init_lora_linear(module, self.options.init, seeded_generator(self.seed, name, generation))
 
     @torch.no_grad()
     def merge(self, model: nn.Module) -> None:
         reshard(model)
-        for name, module in lora_modules(model):
-            if int(name.split(".")[1]) in self.layers:
-                merge_lora_linear(module)
+        for _, module in self.modules(model):
+            merge_lora_linear(module)

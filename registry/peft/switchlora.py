@@ -1,0 +1,307 @@
+"""SwitchLoRA (Zhou et al., arXiv 2406.06564, Sec. 3 / Algorithm 1).
+
+LoRA (y = W x + s B A x, s = alpha / r = 1/r by default) whose factors are
+swapped, a few vectors at a time, with vectors from candidate pools. Each
+adapted linear keeps two pools of ``pool_size`` vectors (default min(in, out),
+as in the paper): candidates for the rows of A and for the columns of B.
+
+Switching row i of A to candidate c, with compensation so the output is
+unchanged (Sec. 3.1, Eq. 4):
+
+    W <- W + s * B[:, i] (A[i, :] - c)^T ;   A[i, :] <- c
+
+and the same for column j of B:  W <- W + s * (B[:, j] - c) A[j, :]^T ; B[:, j] <- c.
+The vector switched out goes back into the pool slot c came from.
+
+Schedule (Sec. 3.2): at step t of T, interval(t) = interval0 / 0.3^(t / (descent_ratio * T)),
+and r / interval(t) vectors of A and as many of B are switched, stochastically
+rounded. After A[i] is switched its counterpart B[:, i] is frozen for
+``freeze_steps`` optimizer steps (and vice versa), and the Adam state of the
+switched vector -- both moments and its own step count -- is reset. Per-row
+step counts need ``steptitan.optim.AdamWSliceSteps``, which this method asks
+the trainer for (``optimizer_class``).
+
+The freeze is exact: ``before_optimizer_step`` saves the frozen vectors and
+their optimizer state, ``after_optimizer_step`` puts them back, so they get no
+update at all (no gradient step, no momentum, no weight decay).
+
+Under FSDP2: which vectors and which candidates are switched comes from a
+generator seeded by (seed, linear, step), so every rank makes the same choice.
+W and B are sharded on their output rows, so column switches are shard-local;
+row switches gather A (r x in, small) and the chosen candidates. The pools are
+per-rank shards (A candidates split along ``in``, B candidates along ``out``);
+a checkpoint stores each rank's shards, so resume needs the same world size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+from steptitan.distributed import full_tensor, local_part, local_tensor, reshard
+from steptitan.optim import AdamWSliceSteps
+from steptitan.peft import StepContext, optimizer_state, seeded_generator, target_linears
+from steptitan.registry import PEFT
+from steptitan.registry.peft.lora import LoRA, LoRALinear, LoRAOptions
+
+POOL_DEVICES = ("cpu", "model")
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+@dataclass
+class SwitchLoRAOptions(LoRAOptions):
+    alpha: float = 1.0  # s = alpha / rank; the paper uses s = 1/r
+    init: str = "uniform"  # both A and B non-zero (paper), W compensated so the function is unchanged
+    interval0: float = 40.0  # initial switching interval (steps per r switched vectors)
+    descent_ratio: float = 0.1  # the interval has grown by 1/0.3 after descent_ratio * (stage steps)
+    freeze_steps: int = 5  # steps the counterpart of a switched vector is frozen
+    pool_size: int = 0  # candidates per pool; 0 = min(in, out) (paper)
+    pool_device: str = "cpu"  # cpu | model (the parameters' device)
+
+
+# --------------------------------------------------------------------------- shard helpers
+
+
+def shard_rows(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """This rank's dim-0 chunk of ``full`` over ``like``'s mesh (DTensor Shard(0) layout), no comms."""
+    if not isinstance(like, DTensor):
+        return full
+    device = local_tensor(like).device
+    return distribute_tensor(full.to(device), like.device_mesh, [Shard(0)], src_data_rank=None).to_local()
+
+
+def gather_rows(local: torch.Tensor, like: torch.Tensor, rows: int) -> torch.Tensor:
+    """Inverse of ``shard_rows``: the full (rows, ...) tensor on every rank (an all-gather)."""
+    if not isinstance(like, DTensor):
+        return local
+    local = local.contiguous().to(local_tensor(like).device)
+    shape = (rows, *local.shape[1:])
+    stride = tuple(math.prod(shape[k + 1:]) for k in range(len(shape)))
+    return DTensor.from_local(local, like.device_mesh, [Shard(0)], run_check=False, shape=shape, stride=stride).full_tensor()
+
+
+def global_rows(t: torch.Tensor) -> torch.Tensor:
+    """Global indices of the dim-0 rows this rank holds of ``t``."""
+    ids = torch.arange(t.shape[0], device=local_tensor(t).device).unsqueeze(1)
+    return local_part(ids, t)[:, 0] if isinstance(t, DTensor) else ids[:, 0]
+
+
+def chunk_rows(n: int, world_size: int, rank: int) -> int:
+    """Rows rank ``rank`` holds of an n-row tensor sharded like FSDP2 (torch.chunk: ceil-sized chunks)."""
+    size = -(-n // world_size)
+    return max(0, min(n, (rank + 1) * size) - min(n, rank * size))
+
+
+# --------------------------------------------------------------------------- the method
+
+
+@PEFT.register("switchlora")
+class SwitchLoRA(LoRA):
+    Options = SwitchLoRAOptions
+    description = "SwitchLoRA: LoRA vectors switched with compensated candidates, counterpart freeze, per-row Adam reset"
+
+    def __init__(self, options: SwitchLoRAOptions, layers: list[int], seed: int = 0):
+        super().__init__(options, layers, seed)
+        if options.interval0 <= 0:
+            raise ValueError(f"switchlora.interval0 must be > 0, got {options.interval0}")
+        if options.descent_ratio <= 0:
+            raise ValueError(f"switchlora.descent_ratio must be > 0, got {options.descent_ratio}")
+        if options.freeze_steps < 0:
+            raise ValueError(f"switchlora.freeze_steps must be >= 0, got {options.freeze_steps}")
+        if options.pool_size < 0:
+            raise ValueError(f"switchlora.pool_size must be >= 0 (0 = min(in, out)), got {options.pool_size}")
+        if options.pool_device not in POOL_DEVICES:
+            raise ValueError(f"switchlora.pool_device must be one of {', '.join(POOL_DEVICES)}, got {options.pool_device!r}")
+        self.pools: dict[str, dict[str, torch.Tensor]] = {}  # name -> {"A": (in_local, P), "B": (out_local, P)}
+        # "frozen until": vector i of A (B) gets no update in optimizer steps <= frozen_A[name][i].
+        self.frozen_A: dict[str, torch.Tensor] = {}
+        self.frozen_B: dict[str, torch.Tensor] = {}
+        self.switches = 0
+        self._saved: list[tuple] = []  # frozen vectors saved before the optimizer step
+
+    def pool_size(self, module: nn.Linear) -> int:
+        return self.options.pool_size or min(module.in_features, module.out_features)
+
+    # ------------------------------------------------------------------ setup
+
+    @torch.no_grad()
+    def init_weights(self, model: nn.Module) -> None:
+        super().init_weights(model)
+        for name, module in self.modules(model):
+            gen = seeded_generator(self.seed, name, "pools")
+            p, a, b = self.pool_size(module), module.lora_A, module.lora_B
+            # Candidates follow the "uniform" init of the vectors they replace (fan-in in for A, r for B).
+            cand_a = torch.empty(p, module.in_features).uniform_(-1, 1, generator=gen) / math.sqrt(module.in_features)
+            cand_b = torch.empty(module.out_features, p).uniform_(-1, 1, generator=gen) / math.sqrt(a.shape[0])
+            device = "cpu" if self.options.pool_device == "cpu" else local_tensor(a).device
+            self.pools[name] = {"A": shard_rows(cand_a.t().contiguous(), a).to(device),
+                                "B": local_part(cand_b.to(local_tensor(b).device), b).to(device)}
+            self.frozen_A[name] = torch.zeros(a.shape[0], dtype=torch.long)
+            self.frozen_B[name] = torch.zeros(a.shape[0], dtype=torch.long)
+
+    def optimizer_class(self, model: nn.Module) -> tuple[type, dict[str, Any]]:
+        step_dims: dict[torch.Tensor, int] = {}
+        for _, module in self.modules(model):
+            step_dims[module.lora_A] = 0  # one step count per row of A
+            step_dims[module.lora_B] = 1  # one per column of B
+        return AdamWSliceSteps, {"step_dims": step_dims}
+
+    # ------------------------------------------------------------------ schedule
+
+    def interval(self, step: int, total_steps: int) -> float:
+        """interval0 / 0.3^(step / (descent_ratio * T)) (Sec. 3.2); constant when T is unknown."""
+        if total_steps <= 0:
+            return self.options.interval0
+        return self.options.interval0 / 0.3 ** (step / (self.options.descent_ratio * total_steps))
+
+    def switch_count(self, rank: int, step: int, total_steps: int, gen: torch.Generator) -> int:
+        expected = rank / self.interval(step, total_steps)
+        whole = math.floor(expected)
+        return whole + int(torch.rand((), generator=gen).item() < expected - whole)
+
+    # ------------------------------------------------------------------ freeze
+
+    def frozen_vectors(self, model: nn.Module, step: int):
+        """(module, param, dim, local indices) of the vectors frozen during optimizer step ``step``."""
+        for name, module in self.modules(model):
+            a_rows = global_rows(module.lora_A)
+            frozen_rows = self.frozen_A[name].to(a_rows.device)[a_rows] >= step
+            if frozen_rows.any():
+                yield module.lora_A, 0, frozen_rows.nonzero()[:, 0]
+            frozen_cols = (self.frozen_B[name] >= step).nonzero()[:, 0]
+            if frozen_cols.numel():
+                yield module.lora_B, 1, frozen_cols.to(local_tensor(module.lora_B).device)
+
+    @torch.no_grad()
+    def before_optimizer_step(self, ctx: StepContext) -> None:
+        reshard(ctx.model)
+        self._saved = []
+        for param, dim, idx in self.frozen_vectors(ctx.model, ctx.step):
+            state = optimizer_state(ctx.optimizer, param)
+            tensors = [param] + [state[k] for k in (*MOMENTS, "step") if k in state and state[k].dim() > 0]
+            self._saved.append((dim, idx, [(t, local_tensor(t).index_select(dim, idx).clone()) for t in tensors]))
+
+    @torch.no_grad()
+    def restore_frozen(self) -> None:
+        for dim, idx, saved in self._saved:
+            for t, values in saved:
+                local_tensor(t).index_copy_(dim, idx, values)
+        self._saved = []
+
+    # ------------------------------------------------------------------ switching
+
+    @torch.no_grad()
+    def after_optimizer_step(self, ctx: StepContext) -> None:
+        reshard(ctx.model)
+        self.restore_frozen()
+        for name, module in self.modules(ctx.model):
+            gen = seeded_generator(self.seed, "switch", name, ctx.step)
+            r = module.lora_A.shape[0]
+            n = self.switch_count(r, ctx.step, ctx.total_steps, gen)
+            free = ((self.frozen_A[name] <= ctx.step) & (self.frozen_B[name] <= ctx.step)).nonzero()[:, 0]
+            free = free[torch.randperm(free.numel(), generator=gen)]
+            rows, cols = free[:n], free[n:2 * n]  # disjoint: a vector and its counterpart never switch together
+            pool = self.pool_size(module)
+            slots = torch.randperm(pool, generator=gen)
+            self.switch_rows(name, module, rows, slots[:rows.numel()], ctx.optimizer, ctx.step)
+            slots = torch.randperm(pool, generator=gen)
+            self.switch_cols(name, module, cols, slots[:cols.numel()], ctx.optimizer, ctx.step)
+
+    @torch.no_grad()
+    def switch_rows(self, name: str, module: LoRALinear, rows: torch.Tensor, slots: torch.Tensor, optimizer: Any, step: int) -> None:
+        """A[rows] <- pool candidates, W += s B[:, rows] (A_old[rows] - c); the old rows go back to the pool."""
+        if rows.numel() == 0:
+            return
+        A, B, W = module.lora_A, module.lora_B, module.weight
+        a_full = full_tensor(A).float()
+        pool = self.pools[name]["A"]
+        cand = gather_rows(pool[:, slots].float(), A, module.in_features).t()  # (k, in)
+        old = a_full[rows].clone()
+        w = local_tensor(W)
+        b_local = local_tensor(B).float()
+        w.add_((module.scale * b_local[:, rows.to(b_local.device)] @ (old - cand)).to(w.dtype))
+        a_full[rows] = cand
+        local_tensor(A).copy_(local_part(a_full.to(local_tensor(A).dtype), A))
+        pool[:, slots] = shard_rows(old.t().contiguous(), A).to(pool.device, pool.dtype)
+        self.reset_state(optimizer, A, 0, rows)
+        self.frozen_B[name][rows] = step + self.options.freeze_steps
+        self.switches += rows.numel()
+
+    @torch.no_grad()
+    def switch_cols(self, name: str, module: LoRALinear, cols: torch.Tensor, slots: torch.Tensor, optimizer: Any, step: int) -> None:
+        """B[:, cols] <- pool candidates, W += s (B_old[:, cols] - c) A[cols]; shard-local except gathering A."""
+        if cols.numel() == 0:
+            return
+        A, B, W = module.lora_A, module.lora_B, module.weight
+        a_full = full_tensor(A).float()
+        b = local_tensor(B)
+        pool = self.pools[name]["B"]
+        cand = pool[:, slots].to(b.device, torch.float32)  # (out_local, k)
+        local_cols = cols.to(b.device)
+        old = b[:, local_cols].float()
+        w = local_tensor(W)
+        w.add_((module.scale * (old - cand) @ a_full[cols]).to(w.dtype))
+        b[:, local_cols] = cand.to(b.dtype)
+        pool[:, slots] = old.to(pool.device, pool.dtype)
+        self.reset_state(optimizer, B, 1, cols)
+        self.frozen_A[name][cols] = step + self.options.freeze_steps
+        self.switches += cols.numel()
+
+    @staticmethod
+    @torch.no_grad()
+    def reset_state(optimizer: Any, param: torch.Tensor, dim: int, index: torch.Tensor) -> None:
+        """Zero the moments and the step count of the switched rows (dim 0) / columns (dim 1)."""
+        state = optimizer_state(optimizer, param)
+        if not state:
+            return
+        if dim == 0:  # rows of a dim-0-sharded tensor: keep those this rank holds
+            held = global_rows(param)
+            mask = torch.isin(held, index.to(held.device))
+            local_index = mask.nonzero()[:, 0]
+        else:
+            local_index = index.to(local_tensor(param).device)
+        for key in (*MOMENTS, "step"):
+            if key in state:
+                t = local_tensor(state[key])
+                if key == "step" and t.dim() == 0:
+                    raise RuntimeError("SwitchLoRA needs per-row step counts (steptitan.optim.AdamWSliceSteps)")
+                t.index_fill_(dim, local_index.to(t.device), 0)
+
+    # ------------------------------------------------------------------ memory and resume
+
+    def extra_state_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for pools in self.pools.values() for t in pools.values())
+
+    def predicted_extra_state_bytes(self, model: nn.Module, world_size: int, rank: int) -> int:
+        """Pool bytes rank ``rank`` will hold (for steptitan.memory), from the (meta) model's shapes."""
+        total = 0
+        for _, _, _, linear in target_linears(model, self.layers, self.options.targets):
+            p = self.pool_size(linear)
+            total += 4 * p * (chunk_rows(linear.in_features, world_size, rank) + chunk_rows(linear.out_features, world_size, rank))
+        return total
+
+    def state_dict(self) -> dict[str, Any]:
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        return {"world_size": world, "switches": self.switches,
+                "pools": {n: {k: t.cpu() for k, t in p.items()} for n, p in self.pools.items()},
+                "frozen_A": dict(self.frozen_A), "frozen_B": dict(self.frozen_B)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not state:
+            return
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        if state["world_size"] != world:
+            raise RuntimeError(f"SwitchLoRA candidate pools are per-rank shards saved with world size "
+                               f"{state['world_size']}; resume this checkpoint with {state['world_size']} ranks (now {world})")
+        for name, pools in state["pools"].items():
+            for key, saved in pools.items():
+                self.pools[name][key].copy_(saved)
+        self.frozen_A = {n: t.clone() for n, t in state["frozen_A"].items()}
+        self.frozen_B = {n: t.clone() for n, t in state["frozen_B"].items()}
+        self.switches = int(state.get("switches", 0))
