@@ -7,10 +7,17 @@ Layout under ``<run>/checkpoints/``::
         extra-rank0.pt ...             per-rank RNG, trainer counters and PEFT state
         meta.json                      written last, by rank 0: the completion mark
     .tmp-stage01-step000040/  an unfinished save (ignored, removed by the next save)
+    .old-stage01-step000040/  a checkpoint being replaced by a re-save of the same step
+    .del-stage00-step000020/  a checkpoint being deleted by ``keep_last``
 
 A save writes into the ``.tmp-`` folder and rank 0 renames it into place only
 after every rank finished, so a crash mid-save never damages the last
-complete checkpoint.
+complete checkpoint. Nothing ever deletes inside a complete checkpoint: it is
+first renamed out of the ``stageNN-stepNNNNNN`` namespace (one atomic rename),
+then removed. The only two-rename sequence, replacing a checkpoint of the same
+step (``final -> .old-``, ``.tmp- -> final``), is recovered by
+``list_checkpoints``: an ``.old-`` folder whose final name is missing counts
+as that checkpoint. docs/reliability.md lists what this does and does not cover.
 """
 
 from __future__ import annotations
@@ -28,6 +35,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+from steptitan import faults
 
 _NAME = re.compile(r"^stage(\d+)-step(\d+)$")
 
@@ -60,6 +69,8 @@ def list_checkpoints(root: Path) -> list[CheckpointInfo]:
         return out
     for child in root.iterdir():
         m = _NAME.match(child.name)
+        if child.name.startswith(".old-") and not (root / child.name[len(".old-"):]).exists():
+            m = _NAME.match(child.name[len(".old-"):])  # killed between the two renames of a re-save
         meta_path = child / "meta.json"
         if m and meta_path.is_file():
             try:
@@ -102,8 +113,7 @@ class Checkpointer:
         final, tmp = self.root / name, self.root / f".tmp-{name}"
         if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
-            for stale in self.root.glob(".tmp-*"):
-                shutil.rmtree(stale, ignore_errors=True)
+            self._cleanup()
         _barrier()
         state = {
             "model": get_model_state_dict(model),
@@ -114,7 +124,11 @@ class Checkpointer:
         # Small per-rank Python state goes beside the DCP shards: DCP needs a
         # template of every key to load into, these dicts do not have one.
         extra = {"rng": _rng_state(), "trainer": dict(trainer_state), "peft": peft_state}
-        torch.save(extra, tmp / f"extra-rank{self.rank}.pt")
+        with open(tmp / f"extra-rank{self.rank}.pt", "wb") as fh:
+            torch.save(extra, fh)
+            fh.flush()
+            os.fsync(fh.fileno())  # DCP fsyncs its shards (sync_files=True); do the same here
+        faults.pause_point("save", stage, step, self.rank)  # tests: kill a rank mid-save
         _barrier()
         if self.rank == 0:
             meta = {"stage": stage, "step": step, "world_size": self.world_size, **trainer_state}
@@ -122,18 +136,33 @@ class Checkpointer:
                 json.dump(meta, fh, indent=1)
                 fh.flush()
                 os.fsync(fh.fileno())
-            if final.exists():  # re-saving the same step after a resume
-                shutil.rmtree(final)
+            old = self.root / f".old-{name}"
+            if final.exists():  # re-saving the same step after a resume: swap, never delete in place
+                os.replace(final, old)
             os.replace(tmp, final)
             _fsync_dir(self.root)
-            self._prune()
+            shutil.rmtree(old, ignore_errors=True)
+            self._prune(keep=final)
         _barrier()
         return final
 
-    def _prune(self) -> None:
+    def _cleanup(self) -> None:
+        """Remove what killed saves and prunes left behind (rank 0, before a save)."""
+        for stale in self.root.glob(".*-stage*"):
+            final = self.root / stale.name.split("-", 1)[1]
+            if stale.name.startswith(".old-") and not final.exists():
+                os.replace(stale, final)  # finish the interrupted swap: it is a complete checkpoint
+            else:
+                shutil.rmtree(stale, ignore_errors=True)
+
+    def _prune(self, keep: Path) -> None:
+        """``keep_last``: rename old checkpoints out of the namespace (atomic), then delete them."""
         if self.keep_last > 0:
-            for old in list_checkpoints(self.root)[: -self.keep_last]:
-                shutil.rmtree(old.path, ignore_errors=True)
+            for info in list_checkpoints(self.root)[: -self.keep_last]:
+                if info.path != keep:
+                    doomed = self.root / f".del-{info.path.name}"
+                    os.replace(info.path, doomed)
+                    shutil.rmtree(doomed, ignore_errors=True)
 
     def load(self, info: CheckpointInfo, model: nn.Module, optimizer: Any, lr_schedulers: Any) -> dict[str, Any]:
         """Load into an already built and sharded model (DCP reshards across world sizes).

@@ -8,6 +8,12 @@ A growth operator answers two questions (docs/growth.md):
 * ``grow``: fill a freshly built, already sharded model from the live, sharded
   model of the previous stage.
 
+Both weights and optimizer moments go through one function,
+``grow_tensors(src, dst, src_shape, kind)``, which fills named tensors of the
+grown model from named tensors of the old one. ``kind`` says what the tensors
+are ("weight", "exp_avg", "exp_avg_sq"), because a width expansion that splits
+a weight scales its gradient the other way (docs/growth.md, "Optimizer state").
+
 Depth growth never gathers: FSDP2 shards every parameter on dim 0 over the
 same mesh, so a block of the grown model has the same local shard layout as
 its source block and copying ``to_local()`` tensors is exact.
@@ -16,13 +22,17 @@ its source block and copying ``to_local()`` tensors is exact.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from functools import lru_cache
+from typing import Any, ClassVar, Mapping
 
 import torch
 from torch import nn
 
 from steptitan.distributed import local_tensor, reshard
 from steptitan.model import ModelShape, base_param_names
+
+KINDS = ("weight", "exp_avg", "exp_avg_sq")  # what grow_tensors is growing
+STATE_POLICIES = ("fresh", "copy")  # optimizer state across growth
 
 
 @dataclass(frozen=True)
@@ -44,7 +54,14 @@ class NoOptions:
 
 
 class GrowthOperator:
-    """Base class for growth plugins. Subclasses set ``Options`` and override the methods."""
+    """Base class for growth plugins. Subclasses set ``Options`` and override the methods.
+
+    Required: ``target_shape`` and ``layer_sources``. The default ``grow_tensors``
+    copies (or averages) layers following ``layer_sources``, shard-locally.
+    Optional hooks the trainer calls: ``attach`` / ``set_step`` / ``merge``
+    (for operators that put something on the model during training, like an
+    MSG mask) and ``carry_optimizer_state`` (driven by ``options.optimizer_state``).
+    """
 
     Options: ClassVar[type] = NoOptions
     description: ClassVar[str] = ""
@@ -52,6 +69,9 @@ class GrowthOperator:
 
     def __init__(self, options=None):
         self.options = options if options is not None else self.Options()
+        policy = getattr(self.options, "optimizer_state", "fresh")
+        if policy not in STATE_POLICIES:
+            raise ValueError(f"optimizer_state must be one of {', '.join(STATE_POLICIES)}, got {policy!r}")
 
     def target_shape(self, src: ModelShape) -> ModelShape:
         raise NotImplementedError
@@ -60,18 +80,101 @@ class GrowthOperator:
         """One entry per layer of the grown model."""
         raise NotImplementedError
 
-    def is_exact(self) -> bool:
+    def is_exact(self, src: ModelShape | None = None) -> bool:
         """True when the grown model computes exactly the old model's function."""
         return False
 
+    # ------------------------------------------------------------------ weights
+
     @torch.no_grad()
     def grow(self, src: nn.Module, dst: nn.Module, src_shape: ModelShape) -> None:
-        """Default: depth growth by shard-local copy/mean following ``layer_sources``."""
-        copy_layers_by_source(src, dst, src_shape, self.layer_sources(src_shape))
+        """Fill ``dst``'s dense weights from ``src`` (both built and sharded; PEFT params untouched)."""
+        reshard(src)  # FSDP2 leaves the root unsharded after forward
+        reshard(dst)
+        self.grow_tensors(dense_params(src, src_shape), dense_params(dst, src_shape), src_shape, "weight")
+
+    def grow_tensors(self, src: Mapping[str, torch.Tensor], dst: Mapping[str, torch.Tensor],
+                     src_shape: ModelShape, kind: str) -> dict[str, str]:
+        """Fill ``dst`` tensors (by parameter name) from ``src`` ones; return {filled dst name: main src name}.
+
+        Tensors may be parameters or optimizer moments (``kind``), sharded or not.
+        A dst name missing from the result keeps its value (fresh init / fresh state).
+        """
+        return copy_by_source(src, dst, self.layer_sources(src_shape))
+
+    # ------------------------------------------------------------------ optimizer state
+
+    @torch.no_grad()
+    def carry_optimizer_state(self, src: nn.Module, src_optimizer: Any, dst: nn.Module, dst_optimizer: Any,
+                              src_shape: ModelShape) -> int:
+        """Seed the new optimizer's Adam moments per ``options.optimizer_state``; returns params seeded.
+
+        "fresh" (default, STEP): nothing -- new parameters start with empty state
+        and frozen ones have none. "copy": moments follow the weights through
+        ``grow_tensors`` (copied, averaged, or scaled like the gradient where
+        width growth splits a weight).
+        """
+        if getattr(self.options, "optimizer_state", "fresh") != "copy" or src_optimizer is None:
+            return 0
+        return carry_adam_state(self, src, src_optimizer, dst, dst_optimizer, src_shape)
+
+    # ------------------------------------------------------------------ training-time hooks
+
+    def attach(self, model: nn.Module, src_shape: ModelShape) -> None:
+        """Called on the stage's model after it is built (grown or resumed), before training."""
+
+    def set_step(self, step: int) -> None:
+        """Called before training step ``step`` (1-based) of the stage."""
+
+    def merge(self, model: nn.Module) -> None:
+        """Fold whatever ``attach`` added into the weights (function unchanged), before the next growth."""
 
 
 def params_by_name(model: nn.Module) -> dict[str, nn.Parameter]:
     return dict(model.named_parameters(remove_duplicate=False))
+
+
+_base_names = lru_cache(maxsize=32)(base_param_names)  # builds a meta model: cache per shape
+
+
+def dense_params(model: nn.Module, src_shape: ModelShape) -> dict[str, nn.Parameter]:
+    """The dense model's own parameters of ``model`` by name, recognised by the names a model of
+    ``src_shape`` has (layer index aside). PEFT additions are left out; a tied LM head appears once,
+    as ``tok_embeddings.weight``."""
+    base = _base_names(src_shape)
+    out = {}
+    for name, p in model.named_parameters():
+        key = "layers.0." + name.split(".", 2)[2] if name.startswith("layers.") else name
+        if key in base:
+            out[name] = p
+    return out
+
+
+@torch.no_grad()
+def copy_by_source(src: Mapping[str, torch.Tensor], dst: Mapping[str, torch.Tensor],
+                   sources: list[LayerSource]) -> dict[str, str]:
+    """Depth growth on local shards: non-layer tensors by name, layer j from ``sources[j]``.
+
+    Several sources are averaged in place in the destination, so no temporary
+    is allocated and nothing is communicated.
+    """
+    filled = {}
+    for name, t in dst.items():
+        if name.startswith("layers."):
+            _, j, rest = name.split(".", 2)
+            names = [f"layers.{i}.{rest}" for i in sources[int(j)].sources]
+        else:
+            names = [name]
+        if not names or any(n not in src for n in names):
+            continue  # fresh init (or, for moments, fresh state: the source had none)
+        out = local_tensor(t)
+        out.copy_(local_tensor(src[names[0]]))
+        for n in names[1:]:
+            out.add_(local_tensor(src[n]))
+        if len(names) > 1:
+            out.div_(len(names))
+        filled[name] = names[0]
+    return filled
 
 
 @torch.no_grad()
@@ -83,24 +186,12 @@ def copy_layers_by_source(
     Only the dense model's own parameters are copied; PEFT parameters of the
     destination keep their fresh initialisation.
     """
-    reshard(src)  # FSDP2 leaves the root unsharded after forward
+    reshard(src)
     reshard(dst)
-    base = base_param_names(src_shape)
-    src_params = params_by_name(src)
-    for name, p in params_by_name(dst).items():
-        if name.startswith("layers."):
-            _, j, rest = name.split(".", 2)
-            if f"layers.0.{rest}" not in base:
-                continue
-            srcs = sources[int(j)].sources
-            if not srcs:
-                continue
-            acc = local_tensor(src_params[f"layers.{srcs[0]}.{rest}"]).clone()
-            for i in srcs[1:]:
-                acc += local_tensor(src_params[f"layers.{i}.{rest}"])
-            local_tensor(p).copy_(acc / len(srcs))
-        elif name in base:
-            local_tensor(p).copy_(local_tensor(src_params[name]))
+    copy_by_source(dense_params(src, src_shape), dense_params(dst, src_shape), sources)
+
+
+ZEROED = ("attention.wo.weight", "feed_forward.w2.weight")  # the identity trick's two matrices
 
 
 @torch.no_grad()
@@ -114,3 +205,146 @@ def zero_block_outputs(model: nn.Module, layer_ids: list[int]) -> None:
         block = model.layers[str(j)]
         local_tensor(block.attention.wo.weight).zero_()
         local_tensor(block.feed_forward.w2.weight).zero_()
+
+
+# --------------------------------------------------------------------------- depth growth with exact modes
+
+
+@dataclass
+class DepthOptions:
+    """Options every depth operator shares (interpolate, stack)."""
+
+    zero_out: bool = False  # exact mode: zero new blocks' attention.wo and feed_forward.w2 (identity blocks)
+    mask_steps: int = 0  # MSG-style mask: scale new blocks' branches by min(1, step / mask_steps); 0 = off
+    optimizer_state: str = "fresh"  # fresh | copy (new layers take their source layers' Adam moments)
+
+
+class DepthGrowth(GrowthOperator):
+    """Depth growth by ``layer_sources``, with the identity trick and an MSG-style mask as exact modes."""
+
+    def __init__(self, options=None):
+        super().__init__(options)
+        if self.options.mask_steps < 0:
+            raise ValueError(f"mask_steps must be >= 0, got {self.options.mask_steps}")
+        self.mask = BranchMask(self.options.mask_steps) if self.options.mask_steps else None
+
+    def is_exact(self, src: ModelShape | None = None) -> bool:
+        """Identity new blocks keep the function only if the old blocks all stay, in order (a
+        layer-source list may drop or reorder them); without ``src`` that part is assumed."""
+        if not (self.options.zero_out or self.options.mask_steps):
+            return False
+        return src is None or [s.sources for s in self.layer_sources(src) if not s.new] == [(i,) for i in range(src.n_layers)]
+
+    def new_layers(self, src_shape: ModelShape) -> list[int]:
+        return [j for j, s in enumerate(self.layer_sources(src_shape)) if s.new]
+
+    def grow_tensors(self, src, dst, src_shape, kind):
+        filled = copy_by_source(src, dst, self.layer_sources(src_shape))
+        if self.options.zero_out:
+            for j in self.new_layers(src_shape):
+                for rest in ZEROED:
+                    name = f"layers.{j}.{rest}"
+                    if name not in dst:
+                        continue
+                    if kind == "weight":
+                        local_tensor(dst[name]).zero_()
+                    filled.pop(name, None)  # a zeroed weight starts with fresh Adam state
+        return filled
+
+    def attach(self, model: nn.Module, src_shape: ModelShape) -> None:
+        if self.mask is not None:
+            self.mask.attach(model, self.new_layers(src_shape))
+
+    def set_step(self, step: int) -> None:
+        if self.mask is not None:
+            self.mask.set_step(step)
+
+    def merge(self, model: nn.Module) -> None:
+        if self.mask is not None:
+            self.mask.fold(model)
+
+
+class BranchMask:
+    """MSG-style growth mask (Yao et al., "Masked Structural Growth", arXiv 2305.02869; methods.md [unsure]).
+
+    The residual branches of the new blocks are multiplied by m: a block
+    computes h = x + m * attn(norm(x)); out = h + m * ffn(norm(h)). m = 0 at
+    growth time, so the grown model is exactly the old one *whatever the new
+    weights are*; m = min(1, step / steps) during training step ``step``.
+    ``fold`` multiplies wo and w2 by m and removes the hooks (function unchanged).
+    """
+
+    def __init__(self, steps: int):
+        self.steps = steps
+        self.value = 0.0
+        self.handles: list[Any] = []
+        self.modules: list[nn.Linear] = []
+
+    def attach(self, model: nn.Module, layer_ids: list[int]) -> None:
+        self.value = 0.0
+        for j in layer_ids:
+            block = model.layers[str(j)]
+            for linear in (block.attention.wo, block.feed_forward.w2):
+                self.modules.append(linear)
+                self.handles.append(linear.register_forward_hook(self._scale))
+
+    def _scale(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        return output if self.value == 1.0 else output * self.value
+
+    def set_step(self, step: int) -> None:
+        self.value = min(1.0, step / self.steps)
+
+    @torch.no_grad()
+    def fold(self, model: nn.Module) -> None:
+        reshard(model)
+        for linear in self.modules:
+            local_tensor(linear.weight).mul_(self.value)
+        for handle in self.handles:
+            handle.remove()
+        self.handles, self.modules, self.value = [], [], 1.0
+
+
+# --------------------------------------------------------------------------- optimizer state
+
+
+def optimizer_state_of(optimizer: Any) -> dict[torch.Tensor, dict[str, Any]]:
+    """Per-parameter state of a torchtitan OptimizersContainer (or a plain torch optimizer)."""
+    state: dict[torch.Tensor, dict[str, Any]] = {}
+    for opt in getattr(optimizer, "optimizers", [optimizer]):
+        state.update(opt.state)
+    return state
+
+
+@torch.no_grad()
+def carry_adam_state(op: GrowthOperator, src: nn.Module, src_optimizer: Any, dst: nn.Module, dst_optimizer: Any,
+                     src_shape: ModelShape) -> int:
+    """Grow Adam's moments like the weights (``op.grow_tensors`` with kind exp_avg / exp_avg_sq).
+
+    Only trainable destination parameters get state, and only when both moments
+    of their source exist (a layer frozen in the previous stage has none: the
+    STEP default). ``step`` is copied from the main source so bias correction
+    continues where it was.
+    """
+    reshard(src)
+    reshard(dst)
+    old_state = optimizer_state_of(src_optimizer)
+    src_params = dense_params(src, src_shape)
+    dst_params = {n: p for n, p in dense_params(dst, src_shape).items() if p.requires_grad}
+    grown, filled = {}, {}
+    for kind in ("exp_avg", "exp_avg_sq"):
+        src_moments = {n: old_state[p][kind] for n, p in src_params.items() if kind in old_state.get(p, {})}
+        grown[kind] = {n: torch.zeros_like(p) for n, p in dst_params.items()}
+        filled[kind] = op.grow_tensors(src_moments, grown[kind], src_shape, kind)
+    name_of = {id(p): n for n, p in dst_params.items()}
+    seeded = 0
+    for opt in getattr(dst_optimizer, "optimizers", [dst_optimizer]):
+        for group in opt.param_groups:
+            for p in group["params"]:
+                name = name_of.get(id(p))
+                if name not in filled["exp_avg"] or name not in filled["exp_avg_sq"]:
+                    continue  # fresh state: Adam initialises it at the first step
+                source = old_state[src_params[filled["exp_avg"][name]]]
+                opt.state[p] = {"step": source["step"].clone(), "exp_avg": grown["exp_avg"][name],
+                                "exp_avg_sq": grown["exp_avg_sq"][name]}
+                seeded += 1
+    return seeded

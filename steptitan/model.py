@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torchtitan.models.llama3 import Transformer, TransformerModelArgs
+from torchtitan.models.llama3.model.model import precompute_freqs_cis
 
 from steptitan.recipe import ModelConfig
 
@@ -29,18 +30,21 @@ class ModelShape:
     rope_theta: float = 10000.0
     tie_embeddings: bool = False
     max_seq_len: int = 2048
+    # None = torchtitan's dim // n_heads. Set by width growth, which keeps
+    # head_dim fixed while dim or n_heads grow (bert2BERT; methods.md).
+    fixed_head_dim: int | None = None
 
     @property
     def head_dim(self) -> int:
-        return self.dim // self.n_heads
+        return self.fixed_head_dim or self.dim // self.n_heads
 
     def replace(self, **changes) -> "ModelShape":
         return dataclasses.replace(self, **changes)
 
     def layer_params(self) -> int:
         """Parameters of one transformer block (P in the STEP memory model)."""
-        kv = self.n_kv_heads * self.head_dim
-        attn = self.dim * self.dim * 2 + self.dim * kv * 2  # wq, wo, wk, wv
+        q, kv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        attn = self.dim * q * 2 + self.dim * kv * 2  # wq, wo, wk, wv
         ffn = 3 * self.dim * self.ffn_hidden  # w1, w2, w3 (SwiGLU)
         return attn + ffn + 2 * self.dim  # + two RMSNorm weights
 
@@ -101,10 +105,32 @@ def build_model(shape: ModelShape, device: str | torch.device = "meta") -> Trans
     """A torchtitan llama3 Transformer of ``shape`` (on meta by default: no memory)."""
     with torch.device(device):
         model = Transformer(model_args(shape))
+        if shape.head_dim != shape.dim // shape.n_heads:
+            set_head_dim(model, shape)
     if shape.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
     assert model.layers["0"].feed_forward.w1.out_features == shape.ffn_hidden
     return model
+
+
+def set_head_dim(model: Transformer, shape: ModelShape) -> None:
+    """Rebuild the attention projections for ``shape.head_dim`` != dim // n_heads.
+
+    torchtitan's Attention and RoPE table derive head_dim from dim // n_heads;
+    width growth that keeps head_dim fixed needs n_heads * head_dim != dim.
+    """
+    hd = shape.head_dim
+    for block in model.layers.values():
+        attn = block.attention
+        attn.head_dim = hd
+        attn.wq = nn.Linear(shape.dim, shape.n_heads * hd, bias=False)
+        attn.wk = nn.Linear(shape.dim, shape.n_kv_heads * hd, bias=False)
+        attn.wv = nn.Linear(shape.dim, shape.n_kv_heads * hd, bias=False)
+        attn.wo = nn.Linear(shape.n_heads * hd, shape.dim, bias=False)
+    args = model.model_args
+    # init_weights() recomputes the table through this method, so override it on the instance.
+    model._precompute_freqs_cis = lambda: precompute_freqs_cis(hd, args.max_seq_len, args.rope_theta, args.rope_scaling_args)
+    model.freqs_cis = model._precompute_freqs_cis()
 
 
 @torch.no_grad()

@@ -146,7 +146,7 @@ def format_plan(plans: list[StagePlan]) -> str:
     for p in plans:
         growth = "-"
         if p.growth is not None:
-            growth = p.growth.registry_name + (" (exact)" if p.growth.is_exact() else "")
+            growth = p.growth.registry_name + (" (exact)" if p.growth.is_exact(plans[p.index - 1].shape) else "")
         peft = ", ".join(f"{m.registry_name}[{len(m.layers)}L]" for m in p.peft) or "-"
         rows.append(
             f"{p.name:<14}{p.shape.n_layers:>7}{p.shape.dim:>6}{p.steps:>7}  {growth:<34}{peft:<24}"

@@ -207,6 +207,11 @@ def _convert(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             errors.append(f"{where}: expected a number, got {value!r}")
             return value
+        # nan/inf would pass every range check below (nan < 0 is False) and only
+        # surface as a NaN loss mid-run; ints beyond float range would raise OverflowError.
+        if not (abs(value) <= 1e300):
+            errors.append(f"{where}: expected a finite number, got {value!r}")
+            return value
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -330,8 +335,8 @@ def check_values(recipe: Recipe) -> list[str]:
         errors.append(f"model.n_heads ({m.n_heads}) must be divisible by model.n_kv_heads ({m.n_kv_heads})")
     if m.norm_eps <= 0:
         errors.append(f"model.norm_eps: must be > 0, got {m.norm_eps}")
-    if m.vocab_size > 2**31 - 1 or m.dim > 2**20 or m.n_layers > 10_000:
-        errors.append("model: dimensions are implausibly large (vocab_size < 2^31, dim <= 2^20, n_layers <= 10000)")
+    if m.vocab_size > 2**31 - 1 or m.dim > 2**20 or m.n_layers > 1024:
+        errors.append("model: dimensions are implausibly large (vocab_size < 2^31, dim <= 2^20, n_layers <= 1024; building the plan must stay quick)")
 
     t = recipe.training
     for name in ("batch_size", "grad_accum", "seq_len", "steps_per_log", "eval_batches"):
@@ -354,6 +359,8 @@ def check_values(recipe: Recipe) -> list[str]:
         errors.append(f"training.galore: unknown keys {sorted(unknown_galore)}; known: rank, update_proj_gap, scale, targets")
     if t.backend not in ("auto", "gloo", "nccl"):
         errors.append(f"training.backend: {t.backend!r} is not one of auto, gloo, nccl")
+    if not 0 <= t.seed < 2**32:  # numpy's default_rng rejects negative seeds; torch.manual_seed caps at 2^64
+        errors.append(f"training.seed: must be in 0..2^32-1, got {t.seed}")
     _positive(errors, "training.skip_nonfinite", t.skip_nonfinite, allow_zero=True)
     _positive(errors, "training.heartbeat_timeout_s", t.heartbeat_timeout_s, allow_zero=True)
     _positive(errors, "training.collective_timeout_s", t.collective_timeout_s)

@@ -58,6 +58,14 @@ def resolve(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, Reci
     return args, recipe, plans
 
 
+# Process exit codes (docs/reliability.md).
+EXIT_OK = 0
+EXIT_BAD_INPUT = 2  # recipe, data or output-folder problem, found before any process group starts
+EXIT_TRAINING = 3  # training stopped on purpose (a non-finite loss); the last good checkpoint is kept
+EXIT_PEER_FAILED = 4  # another rank died or hung (watchdog) or a collective failed
+# 1 = an unexpected error (Python traceback)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     try:
@@ -75,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             prepare_run_dir(recipe)
     except (RecipeError, DataError, FileExistsError) as exc:
         print(f"steptitan: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
 
     # Heavy imports and the process group only after everything is validated.
     from steptitan.distributed import init_distributed, shutdown_distributed
@@ -87,16 +95,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch
 
         torch.use_deterministic_algorithms(True)
-    env = init_distributed(recipe.training.backend)
+    env = init_distributed(recipe.training.backend, timeout_s=recipe.training.collective_timeout_s)
+    from steptitan.watchdog import start_watchdog
+
+    watchdog = start_watchdog(env.rank, env.world_size, recipe.training.heartbeat_timeout_s)
+    status = "done"
     try:
         Trainer(recipe, plans, data, env).run()
-    except TrainingError as exc:
+    except TrainingError as exc:  # every rank sees the same all-reduced loss and stops together
         print(f"steptitan: error on rank {env.rank}: {exc}", file=sys.stderr)
-        return 3
+        return EXIT_TRAINING
+    except Exception as exc:
+        import torch.distributed as dist
+
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        status = f"failed:{type(exc).__name__}: {first_line}"
+        if isinstance(exc, dist.DistError) or "gloo" in str(exc).lower():
+            # A collective timed out or a peer's connection dropped: a peer died or hung.
+            print(f"steptitan: error on rank {env.rank}: a collective failed, another rank died or hung "
+                  f"(training.collective_timeout_s={recipe.training.collective_timeout_s:g}): {first_line}",
+                  file=sys.stderr)
+            return EXIT_PEER_FAILED
+        raise  # a bug: keep the traceback; the watchdog status tells the peers which rank failed
     finally:
         shutdown_distributed()
-    return 0
+    return EXIT_OK
 
+        if watchdog is not None:
+            watchdog.stop(status)
 
 if __name__ == "__main__":
     sys.exit(main())

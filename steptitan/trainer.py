@@ -78,13 +78,17 @@ class Trainer:
             reset_peak_rss()
             t0 = time.perf_counter()
             if resume is not None and plan.index == resume.stage:
-                model = self.build_stage_model(plan)  # weights come from the checkpoint
+                model = self.build_stage_model(plan, prev=prev)  # weights come from the checkpoint
                 self.build_optimizer(plan, model)
                 start_step = self.load_checkpoint(resume, plan, model)
                 resume = None
             else:
-                model = self.build_stage_model(plan, grow_from=model, prev=prev)
+                old_model, old_optimizer = model, getattr(self, "optimizer", None)
+                model = self.build_stage_model(plan, grow_from=old_model, prev=prev)
                 self.build_optimizer(plan, model)
+                if plan.growth is not None and prev is not None:  # Adam moments across growth, per the operator's policy
+                    plan.growth.carry_optimizer_state(old_model, old_optimizer, model, self.optimizer, prev.shape)
+                del old_model, old_optimizer
                 start_step = 0
             log.info(f"== stage {plan.index} ({plan.name}): {plan.shape.n_layers} layers, "
                      f"{plan.trainable_params:,} trainable / {plan.frozen_params:,} frozen params, steps {start_step}->{plan.steps}")
@@ -118,11 +122,15 @@ class Trainer:
         if grow_from is not None and prev is not None:
             for method in prev.peft:  # fold the previous stage's adapters into its weights first
                 method.merge(grow_from)
+            if prev.growth is not None:  # and whatever the previous growth put on it (an MSG mask)
+                prev.growth.merge(grow_from)
             t = time.perf_counter()
             grower = plan.growth or _SameShape()
             grower.grow(grow_from, model, prev.shape)
             log.info(f"grew {prev.shape.n_layers} -> {plan.shape.n_layers} layers with "
                      f"{getattr(grower, 'registry_name', 'copy')} in {time.perf_counter() - t:.2f}s")
+        if plan.growth is not None and prev is not None:  # grown or resumed: e.g. an MSG mask on the new blocks
+            plan.growth.attach(model, prev.shape)
         with torch.no_grad():  # after growth: an adapter init may compensate the grown base weights (docs/peft.md)
             for method in plan.peft:
                 method.init_weights(model)
@@ -162,6 +170,8 @@ class Trainer:
         self.stage_losses: list[float] = []
         for step in range(start_step + 1, plan.steps + 1):
             t = time.perf_counter()
+            if plan.growth is not None:
+                plan.growth.set_step(step)  # e.g. the MSG mask's 0 -> 1 ramp
             loss, grad_norm, memory = self.train_step(plan, model, trainable, step)
             if memory["model_states"] >= self.stage_peak_memory.get("model_states", 0):
                 self.stage_peak_memory = memory

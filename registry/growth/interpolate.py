@@ -6,34 +6,34 @@ initialised as a copy of layer i (``init="copy"``), the mean of layers i and
 i+1 (``"mean"``), or freshly (``"random"``). With ``zero_out=true`` the new
 blocks' attention output and FFN down projections are zeroed, which makes each
 new pre-norm block the identity, so the grown model is exactly the old one.
+``mask_steps=N`` (MSG-style) instead scales the new blocks' branches from 0 to 1
+over N steps: exact at growth time whatever the new weights are.
+``optimizer_state="copy"`` gives new layers their source layers' Adam moments.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-from torch import nn
-
-from steptitan.growth import GrowthOperator, LayerSource, copy_layers_by_source, zero_block_outputs
+from steptitan.growth import DepthGrowth, DepthOptions, LayerSource
 from steptitan.model import ModelShape
 from steptitan.registry import GROWTH
 
 POSITIONS = ("uniform", "upper", "lower")
 INITS = ("copy", "mean", "random")
+MAX_NEW_LAYERS = 1024  # the plan's layer limit (plan.SHAPE_LIMITS)
 
 
 @dataclass
-class InterpolateOptions:
+class InterpolateOptions(DepthOptions):  # + zero_out, mask_steps, optimizer_state (steptitan/growth.py)
     n_new: int = 0  # new layers to insert; 0 = as many as there are old layers (doubling)
     position: str = "uniform"  # uniform | upper | lower
     after: list[int] = field(default_factory=list)  # explicit old-layer indices to insert after (overrides position)
     init: str = "copy"  # copy | mean | random
-    zero_out: bool = False  # exact mode: new blocks start as identity
 
 
 @GROWTH.register("interpolate")
-class Interpolate(GrowthOperator):
+class Interpolate(DepthGrowth):
     Options = InterpolateOptions
     description = "STEP depth growth: insert new layers between old ones (copy / mean / random init)"
 
@@ -46,6 +46,8 @@ class Interpolate(GrowthOperator):
             raise ValueError(f"interpolate.init must be one of {', '.join(INITS)}, got {o.init!r}")
         if o.n_new < 0:
             raise ValueError(f"interpolate.n_new must be >= 0, got {o.n_new}")
+        if o.n_new > MAX_NEW_LAYERS or len(o.after) > MAX_NEW_LAYERS:  # checked before any list of that size is built
+            raise ValueError(f"interpolate inserts at most {MAX_NEW_LAYERS} layers, got n_new={o.n_new}, {len(o.after)} after-indices")
 
     def insert_after(self, n_old: int) -> list[int]:
         """Old-layer indices after which a new layer goes (repeats allowed), sorted."""
@@ -83,13 +85,3 @@ class Interpolate(GrowthOperator):
                     srcs = ()
                 out.append(LayerSource(srcs, new=True))
         return out
-
-    def is_exact(self) -> bool:
-        return self.options.zero_out
-
-    @torch.no_grad()
-    def grow(self, src: nn.Module, dst: nn.Module, src_shape: ModelShape) -> None:
-        sources = self.layer_sources(src_shape)
-        copy_layers_by_source(src, dst, src_shape, sources)
-        if self.options.zero_out:
-            zero_block_outputs(dst, [j for j, s in enumerate(sources) if s.new])

@@ -1,0 +1,1 @@
+"""Example external steptitan plugins (registered through the ``steptitan.plugins`` entry points)."""
