@@ -1,6 +1,6 @@
 """AdamW with per-row / per-column step counts (for SwitchLoRA, docs/peft.md).
 
-SwitchLoRA (arXiv 2406.06564, Sec. 3) resets the Adam state of one row of A or
+SwitchLoRA (arXiv 2406.06564) resets the Adam state of one row of A or
 one column of B when that vector is switched, *including its step count*, so
 the bias correction (1 - beta^t) restarts for that vector alone. torch's
 AdamW keeps one scalar ``step`` per parameter, and no maintained optimizer

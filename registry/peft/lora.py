@@ -5,10 +5,10 @@ The base weight W is frozen. Initialisations (``init``):
 * ``kaiming``  A ~ Kaiming-uniform(a=sqrt(5)), B = 0 (LoRA / ReLoRA code default, methods.md);
 * ``gaussian`` A ~ N(0, 1/r^2), B = 0 (peft's "gaussian");
 * ``uniform``  A and B both non-zero (nn.Linear's default uniform init for each,
-  as SwitchLoRA starts, arXiv 2406.06564 Sec. 3.2), and W -= s*B*A so the
+  as SwitchLoRA starts, arXiv 2406.06564, method section), and W -= s*B*A so the
   adapted model still computes W x;
 * ``pissa``    B A = the top-r singular triplets of W (PiSSA, Meng et al. 2024,
-  arXiv 2404.02948 Sec. 3): B = U_r S_r^1/2 / sqrt(s), A = S_r^1/2 V_r^T / sqrt(s),
+  arXiv 2404.02948, method section): B = U_r S_r^1/2 / sqrt(s), A = S_r^1/2 V_r^T / sqrt(s),
   W -= s*B*A (the residual). Gathers each W once per init.
 
 Every choice leaves the model's function unchanged (exact for B = 0, up to

@@ -1,4 +1,4 @@
-"""ReLoRA (Lialin et al., ICLR 2024, arXiv 2307.05695, Sec. 3 / Algorithm 1).
+"""ReLoRA (Lialin et al., ICLR 2024, arXiv 2307.05695, Section 3 "Method").
 
 LoRA whose adapters are merged and restarted every ``reset_interval`` steps:
 
@@ -9,13 +9,13 @@ adapters' optimizer state is
 
 * ``magnitude``: pruned -- entries with |x| at or below the ``prune_ratio``
   quantile of |x| (per tensor: exp_avg and exp_avg_sq of each adapter) are
-  zeroed (Sec. 3, "optimizer state reset ... magnitude pruning");
+  zeroed (the paper's optimizer-state reset by magnitude pruning);
 * ``random``: pruned at random, exactly ``floor(prune_ratio * n)`` entries;
 * ``full``: reset (moments and the step count zeroed).
 
 The LR follows the "jagged" schedule: the stage's cosine (training.decay_type,
 min ratio training.min_lr_factor, 0.1 by default) times a linear re-warm-up over
-``restart_warmup_steps`` after every reset (Sec. 3, Fig. 2).
+``restart_warmup_steps`` after every reset (the paper's "jagged" cosine schedule).
 
 The full-rank warm start of the paper is an earlier stage of the recipe
 without PEFT (recipes/relora.toml). The re-initialisation draws A at random

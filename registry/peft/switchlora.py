@@ -1,4 +1,4 @@
-"""SwitchLoRA (Zhou et al., arXiv 2406.06564, Sec. 3 / Algorithm 1).
+"""SwitchLoRA (arXiv 2406.06564, method section; defaults from the authors' code, methods.md).
 
 LoRA (y = W x + s B A x, s = alpha / r = 1/r by default) whose factors are
 swapped, a few vectors at a time, with vectors from candidate pools. Each
@@ -6,14 +6,14 @@ adapted linear keeps two pools of ``pool_size`` vectors (default min(in, out),
 as in the paper): candidates for the rows of A and for the columns of B.
 
 Switching row i of A to candidate c, with compensation so the output is
-unchanged (Sec. 3.1, Eq. 4):
+unchanged:
 
     W <- W + s * B[:, i] (A[i, :] - c)^T ;   A[i, :] <- c
 
 and the same for column j of B:  W <- W + s * (B[:, j] - c) A[j, :]^T ; B[:, j] <- c.
 The vector switched out goes back into the pool slot c came from.
 
-Schedule (Sec. 3.2): at step t of T, interval(t) = interval0 / 0.3^(t / (descent_ratio * T)),
+Schedule: at step t of T, interval(t) = interval0 / 0.3^(t / (descent_ratio * T)),
 and r / interval(t) vectors of A and as many of B are switched, stochastically
 rounded. After A[i] is switched its counterpart B[:, i] is frozen for
 ``freeze_steps`` optimizer steps (and vice versa), and the Adam state of the
@@ -155,7 +155,7 @@ class SwitchLoRA(LoRA):
     # ------------------------------------------------------------------ schedule
 
     def interval(self, step: int, total_steps: int) -> float:
-        """interval0 / 0.3^(step / (descent_ratio * T)) (Sec. 3.2); constant when T is unknown."""
+        """interval0 / 0.3^(step / (descent_ratio * T)) (the paper's schedule); constant when T is unknown."""
         if total_steps <= 0:
             return self.options.interval0
         return self.options.interval0 / 0.3 ** (step / (self.options.descent_ratio * total_steps))
