@@ -65,6 +65,43 @@ def apply_freeze(model: nn.Module, groups: list[str], old_layers: set[int], base
             p.requires_grad_(False)
 
 
+# Upper bounds for any stage's shape (the first stage's [model] has the same ones in
+# recipe.check_values): far above any real model, low enough that building the
+# meta model for --dry-run stays fast and nothing overflows.
+SHAPE_LIMITS = {"dim": 2**20, "n_layers": 1024, "n_heads": 2**16, "n_kv_heads": 2**16,
+                "vocab_size": 2**31 - 1, "ffn_hidden": 2**24, "max_seq_len": 1_000_000}
+
+
+def check_shape(shape: ModelShape, where: str) -> None:
+    """Types and ranges of a stage's shape (from [model], a stage's ``model`` table, or growth)."""
+    import dataclasses
+    import math
+
+    errors = []
+    for f in dataclasses.fields(ModelShape):
+        value = getattr(shape, f.name)
+        if f.type in ("int", int):
+            if isinstance(value, bool) or not isinstance(value, int):
+                errors.append(f"{f.name}: expected an integer, got {value!r}")
+            elif not 0 < value <= SHAPE_LIMITS.get(f.name, value):
+                errors.append(f"{f.name}: must be in 1..{SHAPE_LIMITS.get(f.name)}, got {value}")
+        elif f.type in ("float", float):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                errors.append(f"{f.name}: expected a finite number > 0, got {value!r}")
+        elif f.type in ("bool", bool) and not isinstance(value, bool):
+            errors.append(f"{f.name}: expected true/false, got {value!r}")
+    if not errors:
+        if shape.fixed_head_dim is not None:  # width growth keeps head_dim fixed: n_heads * head_dim may differ from dim
+            if shape.fixed_head_dim <= 0 or shape.fixed_head_dim % 2:
+                errors.append(f"head_dim ({shape.fixed_head_dim}) must be even and > 0 (rotary embeddings)")
+        elif shape.dim % shape.n_heads or (shape.dim // shape.n_heads) % 2:
+            errors.append(f"dim ({shape.dim}) must be a multiple of n_heads ({shape.n_heads}) with an even head dim")
+        elif shape.n_heads % shape.n_kv_heads:
+            errors.append(f"n_heads ({shape.n_heads}) must be divisible by n_kv_heads ({shape.n_kv_heads})")
+    if errors:
+        raise RecipeError(f"{where}: invalid model shape: " + "; ".join(errors))
+
+
 def _plugin_options(registry, spec: dict[str, Any], key: str, where: str, reserved: tuple[str, ...]):
     name = spec[key]
     try:
@@ -106,6 +143,7 @@ def build_plan(recipe: Recipe) -> list[StagePlan]:
                 raise RecipeError(
                     f"inconsistent stage shapes: {where}.model.{key} = {value!r} but {how} {key} = {getattr(new_shape, key)!r}"
                 )
+        check_shape(new_shape, f"{where}.model" if stage.model else where)
         shape = new_shape
 
         plan = StagePlan(

@@ -81,6 +81,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         if rank == 0:
             prepare_run_dir(recipe)
+            # The resolved recipe beside the checkpoints: tools/export_hf.py and
+            # tools/sweep.py rebuild a run's model from it, even for a dead run.
+            (recipe.run_dir / "recipe.json").write_text(json.dumps(to_dict(recipe), indent=1))
     except (RecipeError, DataError, FileExistsError) as exc:
         print(f"steptitan: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -118,11 +121,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_PEER_FAILED
         raise  # a bug: keep the traceback; the watchdog status tells the peers which rank failed
     finally:
+        if watchdog is not None:
+            watchdog.stop(status)
         shutdown_distributed()
     return EXIT_OK
 
-        if watchdog is not None:
-            watchdog.stop(status)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -24,6 +24,7 @@ from torchtitan.config.job_config import LRScheduler as LRSchedulerConfig
 from torchtitan.distributed.utils import clip_grad_norm_
 
 from steptitan.checkpoint import Checkpointer, CheckpointInfo, read_checkpoint
+from steptitan import faults
 from steptitan.data import BlockSampler, PreparedData
 from steptitan.distributed import DistEnv, all_gather_object, all_reduce_sum, shard_model
 from steptitan.growth import GrowthOperator, LayerSource, copy_layers_by_source
@@ -62,12 +63,15 @@ class Trainer:
         # Counters saved in every checkpoint ("trainer state").
         self.samples_seen = 0  # global sequences consumed: the data position
         self.global_step = 0  # optimizer steps over all stages (TensorBoard x-axis)
+        self.skipped_steps = 0  # steps whose update was dropped for a non-finite loss (training.skip_nonfinite)
+        self.last_step_skipped = False
         self.stage_summaries: list[dict[str, Any]] = []
         self.stage_peak_memory: dict[str, int] = {}  # breakdown at this stage's largest model-state step
 
     # ------------------------------------------------------------------ the stage loop
 
     def run(self) -> dict[str, Any]:
+        faults.write_pid(self.env.rank)
         resume = self.find_resume()
         model: nn.Module | None = None
         prev: StagePlan | None = None
@@ -178,6 +182,7 @@ class Trainer:
             for method in plan.peft:
                 method.after_optimizer_step(StepContext(step, model, self.optimizer, self.cfg.seed, plan.steps))
             self.global_step += 1
+            faults.log_loss(plan.index, step, self.global_step, loss, self.last_step_skipped, self.env.rank)
             self.stage_losses.append(loss)
             dt = time.perf_counter() - t
             step_tokens = self.env.world_size * self.cfg.batch_size * self.cfg.grad_accum * self.cfg.seq_len
@@ -189,6 +194,8 @@ class Trainer:
             interval = self.recipe.checkpoint.interval
             if self.recipe.checkpoint.enabled and interval and step % interval == 0 and step != plan.steps:
                 self.save_checkpoint(plan, model, step)
+            if step != plan.steps:  # the stage's last step pauses after its end-of-stage checkpoint (end_stage)
+                faults.pause_point("step", plan.index, step, self.env.rank)
         return tokens_done
 
     def train_step(self, plan: StagePlan, model: nn.Module, trainable: list[nn.Parameter], step: int):
@@ -201,6 +208,8 @@ class Trainer:
             self.samples_seen += self.env.world_size * self.cfg.batch_size
             logits = model(inputs.to(self.env.device))
             loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.to(self.env.device).flatten())
+            if faults.inject_nan(plan.index, step, self.env.rank):  # tests only (STEPTITAN_INJECT_NAN)
+                loss = loss * float("nan")
             (loss / self.cfg.grad_accum).backward()
             loss_sum += loss.item()
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else math.inf
@@ -209,13 +218,38 @@ class Trainer:
         memory = memory_breakdown(model, self.optimizer, [m.extra_state_bytes() for m in plan.peft])
         (loss_avg,) = all_reduce_sum([loss_sum / self.cfg.grad_accum], self.env.device)
         loss_avg /= self.env.world_size
-        if not math.isfinite(loss_avg):
-            raise TrainingError(f"non-finite loss {loss_avg} at stage {plan.index} ({plan.name}), step {step}")
-        for method in plan.peft:  # e.g. SwitchLoRA's counterpart freeze
-            method.before_optimizer_step(StepContext(step, model, self.optimizer, self.cfg.seed, plan.steps))
-        self.optimizer.step()
+        # loss_avg and grad_norm are reduced over all ranks, so every rank takes the same branch.
+        self.last_step_skipped = not (math.isfinite(loss_avg) and math.isfinite(grad_norm))
+        if self.last_step_skipped:
+            self.handle_nonfinite(plan, step, loss_avg, grad_norm)
+        else:
+            for method in plan.peft:  # e.g. SwitchLoRA's counterpart freeze
+                method.before_optimizer_step(StepContext(step, model, self.optimizer, self.cfg.seed, plan.steps))
+            self.optimizer.step()
         self.lr_schedulers.step()
         return loss_avg, grad_norm, memory
+
+    def handle_nonfinite(self, plan: StagePlan, step: int, loss: float, grad_norm: float) -> None:
+        """Stop with a clear message, or drop this step's update (training.skip_nonfinite).
+
+        Stopping happens before the optimizer step and before any checkpoint of
+        this step, so the newest checkpoint on disk is the last good state.
+        A skipped step keeps the weights and optimizer moments unchanged; the
+        data position and the LR schedule still advance (the bad batch is not retried).
+        """
+        what = (f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} "
+                f"(loss {loss}, grad norm {grad_norm}) at stage {plan.index} ({plan.name}), step {step}")
+        if self.skipped_steps >= self.cfg.skip_nonfinite:
+            latest = self.checkpointer.latest()
+            keep = (f"the last good checkpoint {latest.path} is kept; running again resumes from it"
+                    if latest is not None else "no checkpoint had been written yet")
+            budget = (f"already skipped {self.skipped_steps} step(s), the limit training.skip_nonfinite={self.cfg.skip_nonfinite}"
+                      if self.cfg.skip_nonfinite else "set training.skip_nonfinite=N to skip up to N such steps")
+            raise TrainingError(f"{what}; {keep}; {budget}")
+        self.skipped_steps += 1
+        self.optimizer.zero_grad()
+        log.warning(f"skipping the update of step {step}: {what} "
+                    f"({self.skipped_steps}/{self.cfg.skip_nonfinite} skips used)")
 
     @torch.no_grad()
     def evaluate(self, plan: StagePlan, model: nn.Module, step: int) -> float:
@@ -247,6 +281,7 @@ class Trainer:
         val_loss = self.evaluate(plan, model, plan.steps)
         if self.recipe.checkpoint.enabled:
             self.save_checkpoint(plan, model, plan.steps)
+        faults.pause_point("step", plan.index, plan.steps, self.env.rank)
         memory = memory_breakdown(model, self.optimizer, [m.extra_state_bytes() for m in plan.peft])
         groups = params_by_group(model, plan.old_layers, base_param_names(plan.shape))
         predicted = predict_stage(plan, self.env.world_size, self.cfg)  # steptitan/memory.py, checked in BENCHMARKS.md
@@ -295,13 +330,14 @@ class Trainer:
 
     def trainer_state(self) -> dict[str, Any]:
         return {"samples_seen": self.samples_seen, "global_step": self.global_step,
-                "stage_summaries": json.dumps(self.stage_summaries)}
+                "skipped_steps": self.skipped_steps, "stage_summaries": json.dumps(self.stage_summaries)}
 
     def load_checkpoint(self, info: CheckpointInfo, plan: StagePlan, model: nn.Module) -> int:
         state = self.checkpointer.load(info, model, self.optimizer, self.lr_schedulers)
         trainer = state["trainer"]
         self.samples_seen = int(trainer["samples_seen"])
         self.global_step = int(trainer["global_step"])
+        self.skipped_steps = int(trainer.get("skipped_steps", 0))
         self.stage_summaries = json.loads(trainer["stage_summaries"])
         for i, method in enumerate(plan.peft):
             method.load_state_dict(state["peft"].get(str(i), {}))
