@@ -172,6 +172,7 @@ class Trainer:
         trainable = [p for p in model.parameters() if p.requires_grad]
         tokens_done = 0
         self.stage_losses: list[float] = []
+        self.step_time, self.step_time_tokens = 0.0, 0  # steady-state throughput: steps after the first
         for step in range(start_step + 1, plan.steps + 1):
             t = time.perf_counter()
             if plan.growth is not None:
@@ -185,6 +186,9 @@ class Trainer:
             faults.log_loss(plan.index, step, self.global_step, loss, self.last_step_skipped, self.env.rank)
             self.stage_losses.append(loss)
             dt = time.perf_counter() - t
+            if step > start_step + 1:
+                self.step_time += dt
+                self.step_time_tokens += self.env.world_size * self.cfg.batch_size * self.cfg.grad_accum * self.cfg.seq_len
             step_tokens = self.env.world_size * self.cfg.batch_size * self.cfg.grad_accum * self.cfg.seq_len
             tokens_done += step_tokens
             if step % self.cfg.steps_per_log == 0 or step == start_step + 1 or step == plan.steps:
@@ -296,6 +300,7 @@ class Trainer:
             "last_loss": self.stage_losses[-1] if self.stage_losses else None,
             "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)), "wall_s": wall,
             "tokens_per_s": tokens / wall if tokens else 0.0,
+            "step_tokens_per_s": self.step_time_tokens / self.step_time if self.step_time else 0.0,  # steps 2.. only
             "peak_rss_bytes": max(r["peak_rss"] for r in per_rank),
             "peak_model_state_bytes": max(r["peak_step_memory"].get("model_states", 0) for r in per_rank),
             "predicted_model_state_bytes": [r["model_states"] for r in predicted.per_rank],
