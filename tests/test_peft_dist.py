@@ -159,6 +159,11 @@ def _transforms(env, seed: int, n_shapes: int):
         before = _out(model, x)
         sw.init_weights(model)
         _close(_out(model, x), before)
+        from steptitan.registry.peft.switchlora import gather_rows
+
+        first_name, first = lora_modules(model)[0]
+        drawn = {"A": full_tensor(first.lora_A).clone(), "B": full_tensor(first.lora_B).clone(),
+                 "pool_A": gather_rows(sw.pools[first_name]["A"], first.lora_A, first.in_features).clone()}
         cls, kwargs = sw.optimizer_class(model)  # after init_weights: the model is resharded
         opt = cls(_trainable(model), lr=1e-2, **kwargs)
         _steps(model, opt, x, 1, 2, sw)
@@ -199,12 +204,29 @@ def _transforms(env, seed: int, n_shapes: int):
         reset = PEFT.get("momentum_reset")(PEFT.get("momentum_reset").Options(interval=1, scope="optimizer"), [])
         reset.after_optimizer_step(StepContext(1, model, opt, 0))
         assert all(_global_sum(st[k].to_local().abs().sum()) == 0 for st in opt.state.values() for k in ("exp_avg", "exp_avg_sq"))
-        report.append({"shape": shape.dim, "a_first": full_tensor(lora_modules(model)[0][1].lora_A).clone()})
+        report.append({"shape": shape, "seed": s, "switchlora": drawn,
+                       "a_first": full_tensor(lora_modules(model)[0][1].lora_A).clone()})
     return report
 
 
 def test_transforms_keep_outputs_under_fsdp2_on_two_ranks():
     results = run_distributed(_transforms, 2, seed=11, n_shapes=2)
-    # Both ranks hold the same full tensors (the same seeded choices everywhere).
+    # Both ranks hold the same full tensors (the same seeded choices everywhere) ...
     for a, b in zip(results[0], results[1]):
         assert torch.equal(a["a_first"], b["a_first"])
+    # ... and the adapters and pools drawn on 2 ranks equal those drawn by one process: world-size independent.
+    from steptitan.model import build_model, init_model_weights
+    from steptitan.registry import PEFT
+    from steptitan.registry.peft.lora import lora_modules
+
+    for res in results[0]:
+        shape, s = res["shape"], res["seed"]
+        model = build_model(shape, device="cpu")
+        init_model_weights(model)
+        cls = PEFT.get("switchlora")
+        sw = cls(cls.Options(rank=4, interval0=1e12, freeze_steps=2), list(range(shape.n_layers)), seed=s)
+        sw.apply(model)
+        sw.init_weights(model)
+        name, first = lora_modules(model)[0]
+        assert torch.equal(first.lora_A, res["switchlora"]["A"]) and torch.equal(first.lora_B, res["switchlora"]["B"])
+        assert torch.equal(sw.pools[name]["A"], res["switchlora"]["pool_A"])
