@@ -104,6 +104,8 @@ def check_shape(shape: ModelShape, where: str) -> None:
 
 def _plugin_options(registry, spec: dict[str, Any], key: str, where: str, reserved: tuple[str, ...]):
     name = spec[key]
+    if not isinstance(name, str):  # a list/table here would reach the registry's dict lookup
+        raise RecipeError(f"{where}.{key}: expected a plugin name (a string), got {name!r}")
     try:
         cls = registry.get(name)
     except UnknownPluginError as exc:

@@ -93,8 +93,10 @@ def test_output_folder_is_never_reused_silently(tmp_path, capsys):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "notes.txt").write_text("someone else's results")
-    code, err = _run(capsys, *_small(tmp_path, "stages.0.steps=1", "stages.1.steps=1"))
+    text = tmp_path / "a.txt"
+    text.write_text("word " * 400)
+    code, err = _run(capsys, *_small(tmp_path, f"data.files=[{text}]"))
     assert code == 2 and "already holds a run" in err and (run_dir / "notes.txt").exists()
     (run_dir / "checkpoints" / "stage00-step000001").mkdir(parents=True)
-    code, err = _run(capsys, *_small(tmp_path, "checkpoint.resume=never"))
+    code, err = _run(capsys, *_small(tmp_path, f"data.files=[{text}]", "checkpoint.resume=never"))
     assert code == 2 and "checkpoint.resume=never" in err and (run_dir / "notes.txt").exists()
