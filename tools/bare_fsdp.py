@@ -8,6 +8,13 @@ interleaved with steptitan's vanilla recipe on the same final model.
 
     torchrun --nproc_per_node=2 tools/bare_fsdp.py --tokens TRAIN.bin --dtype uint16 \
         --dim 128 --layers 6 --heads 4 --vocab 2048 --ffn 352 --steps 40 --out bare.json
+
+``--ab RECIPE [--override k=v ...]`` also builds steptitan's Trainer for the recipe's first
+stage in the same processes and alternates steps: bare, steptitan, steptitan, bare, ... Both
+see the same machine load step by step, which separate runs on a shared machine cannot give.
+It times ``Trainer.train_step`` (batch, forward, loss, backward, clipping, per-step memory
+accounting, the loss all-reduce, optimizer and LR step), which is what the stage loop runs for a
+vanilla recipe besides logging.
 """
 
 from __future__ import annotations
@@ -29,6 +36,31 @@ from torchtitan.distributed.utils import clip_grad_norm_
 from torchtitan.models.llama3 import Transformer, TransformerModelArgs
 
 
+def build_steptitan(recipe_path: str, overrides: list[str]):
+    """steptitan's Trainer on the recipe's first stage; returns step(i) -> seconds of one train_step."""
+    from steptitan.data import prepare_data
+    from steptitan.distributed import init_distributed
+    from steptitan.plan import build_plan
+    from steptitan.recipe import load_recipe
+    from steptitan.trainer import Trainer
+
+    recipe = load_recipe(recipe_path, overrides)
+    plans = build_plan(recipe)
+    data = prepare_data(recipe.data, recipe.model.vocab_size)
+    trainer = Trainer(recipe, plans, data, init_distributed(recipe.training.backend))
+    plan = plans[0]
+    model = trainer.build_stage_model(plan)
+    trainer.build_optimizer(plan, model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def step(i: int) -> float:
+        t = time.perf_counter()
+        trainer.train_step(plan, model, trainable, i)
+        return time.perf_counter() - t
+
+    return step
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", required=True, help="flat token file (steptitan's cached train split)")
@@ -45,6 +77,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--ab", default=None, metavar="RECIPE", help="alternate steps with steptitan's Trainer on this recipe")
+    ap.add_argument("--override", action="append", default=[], help="recipe override for --ab (repeatable)")
     args = ap.parse_args()
 
     dist.init_process_group("gloo")
@@ -74,8 +108,14 @@ def main() -> None:
     n_blocks = len(tokens) // block
     rng = np.random.default_rng(args.seed)
     order = rng.permutation(n_blocks)
+    ab = build_steptitan(args.ab, args.override) if args.ab else None
+    ab_time, ab_tokens = 0.0, 0
     step_time, timed_tokens, loss_val = 0.0, 0, float("nan")
     for step in range(args.steps):
+        if ab is not None and step % 2 == 0:  # steptitan first on even steps, second on odd ones
+            dt_ab = ab(step + 1)
+            if step > 0:
+                ab_time, ab_tokens = ab_time + dt_ab, ab_tokens + world * args.batch * args.seq_len
         t = time.perf_counter()
         first = (step * world + rank) * args.batch
         idx = [order[(first + k) % n_blocks] for k in range(args.batch)]
@@ -92,6 +132,9 @@ def main() -> None:
         if step > 0:  # steady state: the same convention as steptitan's step_tokens_per_s
             step_time += dt
             timed_tokens += world * args.batch * args.seq_len
+        if ab is not None and step % 2 == 1:
+            dt_ab = ab(step + 1)
+            ab_time, ab_tokens = ab_time + dt_ab, ab_tokens + world * args.batch * args.seq_len
 
     def local_bytes(t: torch.Tensor) -> int:
         t = t.to_local() if isinstance(t, DTensor) else t
@@ -105,6 +148,8 @@ def main() -> None:
               "final_train_loss": loss_val, "rank": rank, "peak_rss_bytes": rss,
               # grads were freed by zero_grad; add them back (one fp32 grad per parameter)
               "model_state_bytes": states + sum(local_bytes(p) for p in params)}
+    if ab is not None:
+        result["steptitan_tokens_per_s"] = ab_tokens / ab_time if ab_time else 0.0
     results = [None] * world
     dist.all_gather_object(results, result)
     if rank == 0:
