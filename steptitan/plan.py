@@ -91,10 +91,10 @@ def check_shape(shape: ModelShape, where: str) -> None:
         elif f.type in ("bool", bool) and not isinstance(value, bool):
             errors.append(f"{f.name}: expected true/false, got {value!r}")
     if not errors:
-        if shape.fixed_head_dim is not None:  # width growth keeps head_dim fixed: n_heads * head_dim may differ from dim
-            if shape.fixed_head_dim <= 0 or shape.fixed_head_dim % 2:
-                errors.append(f"head_dim ({shape.fixed_head_dim}) must be even and > 0 (rotary embeddings)")
-        elif shape.dim % shape.n_heads or (shape.dim // shape.n_heads) % 2:
+        # width growth keeps head_dim fixed (fixed_head_dim), so n_heads * head_dim may differ from dim
+        if shape.fixed_head_dim is not None and (shape.fixed_head_dim <= 0 or shape.fixed_head_dim % 2):
+            errors.append(f"head_dim ({shape.fixed_head_dim}) must be even and > 0 (rotary embeddings)")
+        elif shape.fixed_head_dim is None and (shape.dim % shape.n_heads or (shape.dim // shape.n_heads) % 2):
             errors.append(f"dim ({shape.dim}) must be a multiple of n_heads ({shape.n_heads}) with an even head dim")
         elif shape.n_heads % shape.n_kv_heads:
             errors.append(f"n_heads ({shape.n_heads}) must be divisible by n_kv_heads ({shape.n_kv_heads})")

@@ -116,7 +116,7 @@ def exact_growth(draw, shape: ModelShape) -> tuple[str, dict]:
 # ----------------------------------------------------------------------------- exact modes
 
 
-@settings(max_examples=60)
+@settings(max_examples=100)
 @given(shape=shapes(), seed=st.integers(0, 2**16), data=st.data())
 def test_exact_modes_preserve_the_function(shape, seed, data):
     name, opts = data.draw(exact_growth(shape))
@@ -366,6 +366,7 @@ def test_msg_mask_ramps_and_folds_exactly():
 @pytest.mark.parametrize("name, opts, match", [
     ("stack", dict(growth_factor=0), "growth_factor"),
     ("stack", dict(mask_steps=-1), "mask_steps"),
+    ("stack", dict(growth_factor=10**9), "at most 1024 layers"),
     ("interpolate", dict(optimizer_state="keep"), "optimizer_state"),
     ("bert2bert", dict(method="net2net"), "method"),
     ("bert2bert", dict(mapping="zigzag"), "mapping"),
@@ -398,5 +399,10 @@ def test_recipes_plan_and_report_exactness():
     assert "bert2bert (exact)" in format_plan(width)
     aki = build_plan(load_recipe(REPO / "recipes" / "width.toml", ["stages.1.growth.method=aki"]))
     assert "(exact)" not in format_plan(aki)
+    # head growth with head_dim fixed: 2 -> 6 heads of 32 on a 64-wide model (n_heads * head_dim != dim)
+    heads = build_plan(load_recipe(REPO / "recipes" / "width.toml",
+                                   ["stages.1.growth={name: bert2bert, n_heads: 6}", "stages.1.model={}"]))
+    assert (heads[1].shape.dim, heads[1].shape.n_heads, heads[1].shape.head_dim) == (64, 6, 32)
+    assert "bert2bert (exact)" in format_plan(heads)
     with pytest.raises(RecipeError, match="stages.1.growth: bert2bert: dim can only grow"):
         build_plan(load_recipe(REPO / "recipes" / "width.toml", ["stages.1.growth.dim=32", "stages.1.model={}"]))

@@ -19,6 +19,8 @@ from steptitan.growth import DepthGrowth, DepthOptions, LayerSource
 from steptitan.model import ModelShape
 from steptitan.registry import GROWTH
 
+MAX_LAYERS = 1024  # the plan's layer limit (plan.SHAPE_LIMITS)
+
 
 @dataclass
 class StackOptions(DepthOptions):  # + zero_out, mask_steps, optimizer_state (steptitan/growth.py)
@@ -35,6 +37,9 @@ class Stack(DepthGrowth):
         super().__init__(options)
         if self.options.growth_factor < 1:
             raise ValueError(f"stack.growth_factor must be >= 1, got {self.options.growth_factor}")
+        if self.options.growth_factor > MAX_LAYERS or len(self.options.layers) > MAX_LAYERS:  # before building the list
+            raise ValueError(f"stack builds at most {MAX_LAYERS} layers, got growth_factor={self.options.growth_factor}, "
+                             f"{len(self.options.layers)} layer sources")
 
     def order(self, n_old: int) -> list[int]:
         """The old layer each grown layer copies, bottom to top."""
