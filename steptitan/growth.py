@@ -29,7 +29,9 @@ import torch
 from torch import nn
 
 from steptitan.distributed import local_tensor, reshard
+from steptitan.metrics import log
 from steptitan.model import ModelShape, base_param_names
+from steptitan.optim import AdamWSliceSteps
 
 KINDS = ("weight", "exp_avg", "exp_avg_sq")  # what grow_tensors is growing
 STATE_POLICIES = ("fresh", "copy")  # optimizer state across growth
@@ -325,6 +327,11 @@ def carry_adam_state(op: GrowthOperator, src: nn.Module, src_optimizer: Any, dst
     STEP default). ``step`` is copied from the main source so bias correction
     continues where it was.
     """
+    adam_like = (torch.optim.Adam, torch.optim.AdamW, AdamWSliceSteps)
+    if not all(isinstance(o, adam_like) for o in getattr(dst_optimizer, "optimizers", [dst_optimizer])):
+        # e.g. GaLore keeps moments in a projected space: nothing here maps onto it
+        log.warning(f"optimizer_state=copy: {type(dst_optimizer).__name__} is not Adam(W); new state starts fresh")
+        return 0
     reshard(src)
     reshard(dst)
     old_state = optimizer_state_of(src_optimizer)
@@ -332,7 +339,9 @@ def carry_adam_state(op: GrowthOperator, src: nn.Module, src_optimizer: Any, dst
     dst_params = {n: p for n, p in dense_params(dst, src_shape).items() if p.requires_grad}
     grown, filled = {}, {}
     for kind in ("exp_avg", "exp_avg_sq"):
-        src_moments = {n: old_state[p][kind] for n, p in src_params.items() if kind in old_state.get(p, {})}
+        # only moments shaped like their parameter (not, e.g., GaLore's projected ones)
+        src_moments = {n: old_state[p][kind] for n, p in src_params.items()
+                       if kind in old_state.get(p, {}) and old_state[p][kind].shape == p.shape}
         grown[kind] = {n: torch.zeros_like(p) for n, p in dst_params.items()}
         filled[kind] = op.grow_tensors(src_moments, grown[kind], src_shape, kind)
     name_of = {id(p): n for n, p in dst_params.items()}
