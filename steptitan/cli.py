@@ -23,7 +23,9 @@ def list_plugins() -> str:
         lines.append(f"{title}:")
         for name in registry.names():
             cls = registry.get(name)
-            lines.append(f"  {name:<18} {getattr(cls, 'description', '')}  [{cls.__module__}]")
+            # built-ins live in steptitan.registry; anything else came through the entry-point group
+            origin = cls.__module__ if cls.__module__.startswith("steptitan.registry") else f"external: {cls.__module__}"
+            lines.append(f"  {name:<18} {getattr(cls, 'description', '')}  [{origin}]")
             for f in dataclasses.fields(cls.Options):
                 default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
                 lines.append(f"      {f.name} = {default!r}")

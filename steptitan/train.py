@@ -29,7 +29,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("recipe", help="path to a TOML recipe")
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved recipe and stage plan, then exit")
-    return parser.parse_args(argv)
+    parser.add_argument("--world-size", type=int, default=None,
+                        help="ranks to predict memory for in --dry-run (default: torchrun's WORLD_SIZE, else 1)")
+    return parser.parse_intermixed_args(argv)  # options may come after key=value overrides and vice versa
 
 
 def check_data_fits(recipe: Recipe, train_tokens: int, val_tokens: int) -> None:
@@ -66,6 +68,22 @@ EXIT_PEER_FAILED = 4  # another rank died or hung (watchdog) or a collective fai
 # 1 = an unexpected error (Python traceback)
 
 
+def format_predicted_memory(recipe: Recipe, plans: list[StagePlan], world_size: int) -> str:
+    """--dry-run: the planner's per-rank memory prediction for every stage (steptitan/memory.py)."""
+    from steptitan.memory import predict_recipe
+    from steptitan.metrics import fmt_bytes
+
+    rows = [f"predicted memory per rank, {world_size} rank(s) (model states exact, activations estimated):",
+            f"{'stage':<14}{'params':>12}{'grads':>12}{'optimizer':>12}{'model states':>14}{'activations':>13}{'total':>12}"]
+    for stage in predict_recipe(recipe, plans, world_size):
+        peak = max(stage.per_rank, key=lambda r: r["model_states"])
+        params = peak.get("params_trainable", 0) + peak.get("params_frozen", 0)
+        rows.append(f"{stage.name:<14}{fmt_bytes(params):>12}{fmt_bytes(peak.get('grads', 0)):>12}"
+                    f"{fmt_bytes(peak.get('optimizer', 0)):>12}{fmt_bytes(stage.peak_model_states):>14}"
+                    f"{fmt_bytes(stage.activations):>13}{fmt_bytes(stage.peak_total):>12}")
+    return "\n".join(rows)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     try:
@@ -74,6 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if rank == 0:
                 print(json.dumps(to_dict(recipe), indent=1))
                 print(format_plan(plans))
+                print(format_predicted_memory(recipe, plans, args.world_size or env_world_size()))
             return 0
         data = prepare_data(recipe.data, recipe.model.vocab_size)
         check_data_fits(recipe, len(data.tokens("train")), len(data.tokens("val")))
