@@ -60,8 +60,16 @@ def init_distributed(backend: str = "auto", timeout_s: float = 600.0) -> DistEnv
     return DistEnv(rank, world, local_rank, device, backend, mesh)
 
 
-def shutdown_distributed() -> None:
+def shutdown_distributed(synchronize: bool = False) -> None:
+    """Tear the process group down; ``synchronize`` after a clean run.
+
+    Ranks that finish together tear down together: a rank that destroys its
+    gloo group while a peer is still inside the last collective's teardown can
+    abort at exit ("terminate called without an active exception").
+    """
     if dist.is_initialized():
+        if synchronize and dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -86,9 +86,8 @@ class OptimizerSpec:
     @classmethod
     def from_training(cls, training: Any) -> "OptimizerSpec":
         name = getattr(training, "optimizer", "adamw")
-        galore = getattr(training, "galore", {}) or {}
-        targets = tuple(galore.get("targets", cls.galore_targets))
-        return cls(name, int(galore.get("rank", 128)), targets)
+        galore = training.galore
+        return cls(name, galore.rank, tuple(galore.targets))
 
     def uses_galore(self, name: str, ndim: int) -> bool:
         return self.name == "galore" and ndim == 2 and name.startswith("layers.") and any(
@@ -659,7 +658,7 @@ def cast_frozen_params(model: nn.Module, dtype: torch.dtype) -> None:
                 setattr(module, name, replaced[id(p)])
 
 
-def galore_optimizer_factory(model: nn.Module, options: dict[str, Any]):
+def galore_optimizer_factory(model: nn.Module, options: Any):
     """A constructor for ``OptimizersContainer`` that builds galore-torch's GaLoreAdamW.
 
     2-D block weights matching ``targets`` (default attention and FFN linears)
@@ -671,10 +670,10 @@ def galore_optimizer_factory(model: nn.Module, options: dict[str, Any]):
         from galore_torch import GaLoreAdamW
     except ImportError as exc:  # pragma: no cover - depends on the optional extra
         raise ImportError("training.optimizer = \"galore\" needs the galore-torch package: pip install 'steptitan[galore]'") from exc
-    spec = OptimizerSpec("galore", int(options.get("rank", 128)), tuple(options.get("targets", OptimizerSpec.galore_targets)))
+    spec = OptimizerSpec("galore", options.rank, tuple(options.targets))
     galore_ids = {id(p) for n, p in model.named_parameters() if p.requires_grad and spec.uses_galore(n, p.dim())}
-    extra = {"rank": spec.galore_rank, "update_proj_gap": int(options.get("update_proj_gap", 200)),
-             "scale": float(options.get("scale", 0.25)), "proj_type": "std"}
+    extra = {"rank": spec.galore_rank, "update_proj_gap": options.update_proj_gap,
+             "scale": options.scale, "proj_type": "std"}
 
     def build(params, **kwargs):
         params = list(params)

@@ -170,6 +170,9 @@ def build_plan(recipe: Recipe) -> list[StagePlan]:
                 plan.peft.append(cls(opts, layers, seed=recipe.training.seed + 1000 * i))
             except ValueError as exc:
                 raise RecipeError(f"{where}.{key}: {exc}") from None
+            if recipe.training.optimizer == "galore" and cls.optimizer_class is not PeftMethod.optimizer_class:
+                raise RecipeError(f"{where}.{key}: {spec['method']!r} brings its own optimizer, which "
+                                  f"training.optimizer = \"galore\" would replace; use one or the other")
         try:
             model = plan.build()
         except ValueError as exc:
@@ -179,6 +182,25 @@ def build_plan(recipe: Recipe) -> list[StagePlan]:
             raise RecipeError(f"{where}: nothing is trainable (every group frozen and no adapter)")
         plans.append(plan)
     return plans
+
+
+def plan_fingerprint(plans: list[StagePlan]) -> str:
+    """A digest of what the checkpoints of a run depend on: every stage's shape,
+    growth, PEFT methods and freezing (not step counts or LRs, which may change on resume)."""
+    import dataclasses
+    import hashlib
+    import json
+
+    def describe(obj) -> dict:
+        return {"name": obj.registry_name, "options": dataclasses.asdict(obj.options)}
+
+    stages = [{
+        "shape": dataclasses.asdict(p.shape),
+        "growth": describe(p.growth) if p.growth is not None else None,
+        "peft": [{**describe(m), "layers": m.layers} for m in p.peft],
+        "freeze": sorted(p.freeze),
+    } for p in plans]
+    return hashlib.sha256(json.dumps(stages, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def format_plan(plans: list[StagePlan]) -> str:

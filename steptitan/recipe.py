@@ -70,6 +70,16 @@ class DataConfig:
 
 
 @dataclass
+class GaloreConfig:
+    """galore-torch's GaLoreAdamW options (Zhao et al. 2024, Alg. 2), used when training.optimizer = "galore"."""
+
+    rank: int = 128  # rank of the gradient projection
+    update_proj_gap: int = 200  # steps between SVDs of the gradient (T in the paper)
+    scale: float = 0.25  # alpha: scale of the projected update
+    targets: list[str] = field(default_factory=lambda: ["attention", "feed_forward"])  # block submodules projected
+
+
+@dataclass
 class TrainingConfig:
     steps_per_log: int = 10
     batch_size: int = 8  # sequences per rank per micro-batch
@@ -88,7 +98,7 @@ class TrainingConfig:
     dtype: str = "float32"  # FSDP2 compute dtype: float32 | bfloat16 (master weights stay fp32)
     frozen_dtype: str = "float32"  # storage dtype of frozen weights: float32 | bfloat16 (STEP's policy: 2 B per frozen param)
     optimizer: str = "adamw"  # adamw | galore (galore-torch GaLoreAdamW on block linears; extra "galore")
-    galore: dict[str, Any] = field(default_factory=dict)  # rank (128), update_proj_gap (200), scale (0.25), targets
+    galore: GaloreConfig = field(default_factory=GaloreConfig)
     activation_checkpointing: bool = False
     eval_interval: int = 0  # 0 = only at stage ends
     eval_batches: int = 8  # per rank; 0 = the whole validation split
@@ -354,9 +364,9 @@ def check_values(recipe: Recipe) -> list[str]:
         errors.append(f"training.frozen_dtype: {t.frozen_dtype!r} is not one of float32, bfloat16")
     if t.optimizer not in ("adamw", "galore"):
         errors.append(f"training.optimizer: {t.optimizer!r} is not one of adamw, galore{_suggest(t.optimizer, ('adamw', 'galore'))}")
-    unknown_galore = set(t.galore) - {"rank", "update_proj_gap", "scale", "targets"}
-    if unknown_galore:
-        errors.append(f"training.galore: unknown keys {sorted(unknown_galore)}; known: rank, update_proj_gap, scale, targets")
+    _positive(errors, "training.galore.rank", t.galore.rank)
+    _positive(errors, "training.galore.update_proj_gap", t.galore.update_proj_gap)
+    _positive(errors, "training.galore.scale", t.galore.scale)
     if t.backend not in ("auto", "gloo", "nccl"):
         errors.append(f"training.backend: {t.backend!r} is not one of auto, gloo, nccl")
     if not 0 <= t.seed < 2**32:  # numpy's default_rng rejects negative seeds; torch.manual_seed caps at 2^64

@@ -99,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from steptitan.trainer import prepare_run_dir
 
         if rank == 0:
-            prepare_run_dir(recipe)
+            prepare_run_dir(recipe, plans)
             # The resolved recipe beside the checkpoints: tools/export_hf.py and
             # tools/sweep.py rebuild a run's model from it, even for a dead run.
             (recipe.run_dir / "recipe.json").write_text(json.dumps(to_dict(recipe), indent=1))
@@ -142,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if watchdog is not None:
             watchdog.stop(status)
-        shutdown_distributed()
+        shutdown_distributed(synchronize=status == "done")
     return EXIT_OK
 
 

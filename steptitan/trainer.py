@@ -27,7 +27,7 @@ from steptitan.checkpoint import Checkpointer, CheckpointInfo, read_checkpoint
 from steptitan import faults
 from steptitan.data import BlockSampler, PreparedData
 from steptitan.distributed import DistEnv, all_gather_object, all_reduce_sum, shard_model
-from steptitan.growth import GrowthOperator, LayerSource, copy_layers_by_source
+from steptitan.growth import GrowthOperator, LayerSource
 from steptitan.metrics import (
     MetricsLogger,
     cuda_peak_bytes,
@@ -40,7 +40,7 @@ from steptitan.metrics import (
 from steptitan.memory import cast_frozen_params, galore_optimizer_factory, predict_stage, stage_flops_per_token
 from steptitan.model import base_param_names, init_model_weights, params_by_group
 from steptitan.peft import StepContext
-from steptitan.plan import StagePlan
+from steptitan.plan import StagePlan, plan_fingerprint
 from steptitan.recipe import Recipe, to_dict
 
 
@@ -67,6 +67,7 @@ class Trainer:
         self.last_step_skipped = False
         self.stage_summaries: list[dict[str, Any]] = []
         self.stage_peak_memory: dict[str, int] = {}  # breakdown at this stage's largest model-state step
+        self.stage_losses: list[float] = []  # per-step training loss of the current stage
 
     # ------------------------------------------------------------------ the stage loop
 
@@ -171,7 +172,8 @@ class Trainer:
     def train_stage(self, plan: StagePlan, model: nn.Module, start_step: int) -> int:
         trainable = [p for p in model.parameters() if p.requires_grad]
         tokens_done = 0
-        self.stage_losses: list[float] = []
+        if start_step == 0:
+            self.stage_losses = []  # on resume they come from the checkpoint
         self.step_time, self.step_time_tokens = 0.0, 0  # steady-state throughput: steps after the first
         for step in range(start_step + 1, plan.steps + 1):
             t = time.perf_counter()
@@ -186,11 +188,11 @@ class Trainer:
             faults.log_loss(plan.index, step, self.global_step, loss, self.last_step_skipped, self.env.rank)
             self.stage_losses.append(loss)
             dt = time.perf_counter() - t
-            if step > start_step + 1:
-                self.step_time += dt
-                self.step_time_tokens += self.env.world_size * self.cfg.batch_size * self.cfg.grad_accum * self.cfg.seq_len
             step_tokens = self.env.world_size * self.cfg.batch_size * self.cfg.grad_accum * self.cfg.seq_len
             tokens_done += step_tokens
+            if step > start_step + 1:
+                self.step_time += dt
+                self.step_time_tokens += step_tokens
             if step % self.cfg.steps_per_log == 0 or step == start_step + 1 or step == plan.steps:
                 self.log_step(plan, step, loss, grad_norm, step_tokens / dt, memory)
             if self.cfg.eval_interval and step % self.cfg.eval_interval == 0 and step != plan.steps:
@@ -334,8 +336,10 @@ class Trainer:
                                self.trainer_state(), peft_state)
 
     def trainer_state(self) -> dict[str, Any]:
-        return {"samples_seen": self.samples_seen, "global_step": self.global_step,
-                "skipped_steps": self.skipped_steps, "stage_summaries": json.dumps(self.stage_summaries)}
+        return {"plan_fingerprint": plan_fingerprint(self.plans),
+                "samples_seen": self.samples_seen, "global_step": self.global_step,
+                "skipped_steps": self.skipped_steps, "stage_summaries": json.dumps(self.stage_summaries),
+                "stage_losses": json.dumps(self.stage_losses)}
 
     def load_checkpoint(self, info: CheckpointInfo, plan: StagePlan, model: nn.Module) -> int:
         state = self.checkpointer.load(info, model, self.optimizer, self.lr_schedulers)
@@ -344,6 +348,7 @@ class Trainer:
         self.global_step = int(trainer["global_step"])
         self.skipped_steps = int(trainer.get("skipped_steps", 0))
         self.stage_summaries = json.loads(trainer["stage_summaries"])
+        self.stage_losses = json.loads(trainer.get("stage_losses", "[]"))
         for i, method in enumerate(plan.peft):
             method.load_state_dict(state["peft"].get(str(i), {}))
         return info.step
@@ -377,16 +382,26 @@ class _SameShape(GrowthOperator):
         return True
 
 
-def prepare_run_dir(recipe: Recipe) -> None:
-    """Refuse to reuse another run's folder unless resuming or told to overwrite."""
+def prepare_run_dir(recipe: Recipe, plans: list[StagePlan]) -> None:
+    """Refuse to reuse another run's folder unless resuming (the same plan) or told to overwrite."""
     run_dir = recipe.run_dir
     if run_dir.exists() and any(run_dir.iterdir()):
         has_ckpt = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
         if recipe.overwrite:
             shutil.rmtree(run_dir)
+        elif has_ckpt and recipe.checkpoint.resume == "auto":
+            from steptitan.checkpoint import list_checkpoints
+
+            found = list_checkpoints(run_dir / "checkpoints")
+            theirs = found[-1].meta.get("plan_fingerprint") if found else None
+            if theirs is not None and theirs != plan_fingerprint(plans):
+                raise FileExistsError(
+                    f"output folder {run_dir} holds checkpoints of a different stage plan (shapes, growth, PEFT or "
+                    f"freezing differ from this recipe's); resuming would load them into the wrong model. "
+                    f"Choose another name= / output_dir=, or pass overwrite=true")
         elif not (has_ckpt and recipe.checkpoint.resume != "never"):
             raise FileExistsError(
-                f"output folder {run_dir} already holds a run; resume it (it has no checkpoint to resume from), "
+                f"output folder {run_dir} already holds a run with no checkpoint to resume from; "
                 f"choose another name= / output_dir=, or pass overwrite=true"
                 if not has_ckpt else
                 f"output folder {run_dir} holds checkpoints but checkpoint.resume=never; pass overwrite=true to start afresh"

@@ -88,3 +88,21 @@ def test_vanilla_single_process_without_torchrun(tmp_path, cache_dir):
     again = subprocess.run([sys.executable, "-m", "steptitan.train", "recipes/vanilla.toml", *args],
                            capture_output=True, text=True, cwd=REPO, timeout=300)
     assert again.returncode == 2 and "already holds a run" in again.stderr
+
+
+def test_checkpoints_of_a_different_plan_are_not_resumed(tmp_path, cache_dir):
+    """A folder whose checkpoints came from another stage plan is refused before any process starts."""
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    args = wikitext_overrides(cache_dir) + [f"output_dir={run_dir}", "training.seq_len=32", "training.batch_size=2",
+                                            "stages.0.steps=2", "stages.1.steps=1", "training.eval_batches=1"]
+    cmd = [sys.executable, "-m", "steptitan.train", "recipes/step.toml", *args]
+    first = subprocess.run(cmd + ["checkpoint.interval=1"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    # More steps with the same plan: resumes (the step count is not part of the plan's identity).
+    longer = subprocess.run(cmd + ["stages.1.steps=2"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert longer.returncode == 0 and "resuming from" in longer.stdout + longer.stderr, longer.stderr[-3000:]
+    other = subprocess.run(cmd + ["stages.1.peft.rank=4"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert other.returncode == 2 and "different stage plan" in other.stderr
