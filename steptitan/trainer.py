@@ -179,8 +179,12 @@ class Trainer:
             t = time.perf_counter()
             if plan.growth is not None:
                 plan.growth.set_step(step)  # e.g. the MSG mask's 0 -> 1 ramp
-            loss, grad_norm, memory = self.train_step(plan, model, trainable, step)
-            if memory["model_states"] >= self.stage_peak_memory.get("model_states", 0):
+            is_log_step = step % self.cfg.steps_per_log == 0 or step == start_step + 1 or step == plan.steps
+            # Model-state sizes are fixed once the optimizer state exists (after the first
+            # step), so counting them on the first two steps and on log steps is exact.
+            measure = is_log_step or step <= start_step + 2
+            loss, grad_norm, memory = self.train_step(plan, model, trainable, step, measure_memory=measure)
+            if memory.get("model_states", 0) >= self.stage_peak_memory.get("model_states", 0):
                 self.stage_peak_memory = memory
             for method in plan.peft:
                 method.after_optimizer_step(StepContext(step, model, self.optimizer, self.cfg.seed, plan.steps))
@@ -193,7 +197,7 @@ class Trainer:
             if step > start_step + 1:
                 self.step_time += dt
                 self.step_time_tokens += step_tokens
-            if step % self.cfg.steps_per_log == 0 or step == start_step + 1 or step == plan.steps:
+            if is_log_step:
                 self.log_step(plan, step, loss, grad_norm, step_tokens / dt, memory)
             if self.cfg.eval_interval and step % self.cfg.eval_interval == 0 and step != plan.steps:
                 self.evaluate(plan, model, step)
@@ -204,7 +208,8 @@ class Trainer:
                 faults.pause_point("step", plan.index, step, self.env.rank)
         return tokens_done
 
-    def train_step(self, plan: StagePlan, model: nn.Module, trainable: list[nn.Parameter], step: int):
+    def train_step(self, plan: StagePlan, model: nn.Module, trainable: list[nn.Parameter], step: int,
+                   measure_memory: bool = True):
         """batch -> forward -> loss -> backward (x grad_accum) -> clip -> optimizer step."""
         model.train()
         self.optimizer.zero_grad()
@@ -221,7 +226,7 @@ class Trainer:
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else math.inf
         grad_norm = clip_grad_norm_(trainable, max_norm).item()
         # Gradients are alive now: the moment of peak model-state memory.
-        memory = memory_breakdown(model, self.optimizer, [m.extra_state_bytes() for m in plan.peft])
+        memory = memory_breakdown(model, self.optimizer, [m.extra_state_bytes() for m in plan.peft]) if measure_memory else {}
         (loss_avg,) = all_reduce_sum([loss_sum / self.cfg.grad_accum], self.env.device)
         loss_avg /= self.env.world_size
         # loss_avg and grad_norm are reduced over all ranks, so every rank takes the same branch.

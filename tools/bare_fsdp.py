@@ -55,7 +55,8 @@ def build_steptitan(recipe_path: str, overrides: list[str]):
 
     def step(i: int) -> float:
         t = time.perf_counter()
-        trainer.train_step(plan, model, trainable, i)
+        # as the stage loop calls it: memory is counted on the first two steps and on log steps
+        trainer.train_step(plan, model, trainable, i, measure_memory=i <= 2 or i % trainer.cfg.steps_per_log == 0)
         return time.perf_counter() - t
 
     return step
