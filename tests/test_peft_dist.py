@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from conftest import run_distributed
+from test_peft import train_steps
 
 pytestmark = pytest.mark.dist
 
@@ -79,19 +80,6 @@ def _randomize(model, seed):
         init_like(m.lora_B, lambda t, gen: t.normal_(0, 1 / (m.scale * math.sqrt(r)), generator=gen), g)
 
 
-def _steps(model, opt, x, first: int, n: int, method=None, total: int = 100):
-    from steptitan.peft import StepContext
-
-    for step in range(first, first + n):
-        opt.zero_grad()
-        model(x).logsumexp(-1).mean().backward()
-        if method is not None:
-            method.before_optimizer_step(StepContext(step, model, opt, 0, total))
-        opt.step()
-        if method is not None:
-            method.after_optimizer_step(StepContext(step, model, opt, 0, total))
-
-
 def _trainable(model) -> list[torch.nn.Parameter]:
     """The sharded trainable parameters (an unsharded root would list its gathered copies)."""
     from steptitan.distributed import reshard
@@ -129,7 +117,7 @@ def _transforms(env, seed: int, n_shapes: int):
             assert all(full_tensor(m.lora_B).abs().sum() == 0 for _, m in lora_modules(model))
         # Gradients and optimizer state exist only for the trainable (adapter) parameters: count bytes.
         opt = torch.optim.AdamW(_trainable(model), lr=1e-3)
-        _steps(model, opt, x, 1, 1)
+        train_steps(model, opt, x, 1)
         mem = memory_breakdown(model, opt)
         n_trainable = sum(1 for p in model.parameters() if p.requires_grad)
         assert mem["grads"] == mem["params_trainable"] > 0
@@ -142,7 +130,7 @@ def _transforms(env, seed: int, n_shapes: int):
         model, relora = _build(env, shape, "relora", s, rank=3, reset_interval=2, optimizer_reset="random", prune_ratio=0.7)
         relora.init_weights(model)
         opt = torch.optim.AdamW(_trainable(model), lr=1e-2)
-        _steps(model, opt, x, 1, 1, relora)
+        train_steps(model, opt, x, 1, relora)
         _randomize(model, s)
         params = [p for _, m in lora_modules(model) for p in (m.lora_A, m.lora_B)]
         zeros_before = [_global_sum((optimizer_state(opt, p)["exp_avg"].to_local() == 0).sum()) for p in params]
@@ -166,7 +154,7 @@ def _transforms(env, seed: int, n_shapes: int):
                  "pool_A": gather_rows(sw.pools[first_name]["A"], first.lora_A, first.in_features).clone()}
         cls, kwargs = sw.optimizer_class(model)  # after init_weights: the model is resharded
         opt = cls(_trainable(model), lr=1e-2, **kwargs)
-        _steps(model, opt, x, 1, 2, sw)
+        train_steps(model, opt, x, 2, sw)
         reshard(model)
         name, mod = lora_modules(model)[-1]
         rows, cols = torch.tensor([0, 3]), torch.tensor([1])
@@ -181,7 +169,7 @@ def _transforms(env, seed: int, n_shapes: int):
             assert full_tensor(state_a[key])[rows].abs().sum() == 0 and full_tensor(state_b[key])[:, cols].abs().sum() == 0
         assert full_tensor(state_a["step"])[1].item() == 2 and full_tensor(state_b["step"])[0, 0].item() == 2
         frozen_b, frozen_a = full_tensor(mod.lora_B)[:, rows].clone(), full_tensor(mod.lora_A)[cols].clone()
-        _steps(model, opt, x, 3, 2, sw)  # steps 3, 4: the counterparts are frozen
+        train_steps(model, opt, x, 2, sw, first_step=3)  # steps 3, 4: the counterparts are frozen
         assert torch.equal(full_tensor(mod.lora_B)[:, rows], frozen_b) and torch.equal(full_tensor(mod.lora_A)[cols], frozen_a)
         assert full_tensor(state_a["step"])[rows].tolist() == [[2.0], [2.0]]  # switched rows trained 2 steps from 0
         assert full_tensor(state_b["step"])[0, rows].tolist() == [2.0, 2.0]  # counterparts: no step during the freeze
@@ -200,7 +188,7 @@ def _transforms(env, seed: int, n_shapes: int):
         refactor.after_optimizer_step(StepContext(1, model, None, 0))
         _close(_out(model, x), before)
         opt = torch.optim.AdamW(_trainable(model), lr=1e-3)
-        _steps(model, opt, x, 1, 1)
+        train_steps(model, opt, x, 1)
         reset = PEFT.get("momentum_reset")(PEFT.get("momentum_reset").Options(interval=1, scope="optimizer"), [])
         reset.after_optimizer_step(StepContext(1, model, opt, 0))
         assert all(_global_sum(st[k].to_local().abs().sum()) == 0 for st in opt.state.values() for k in ("exp_avg", "exp_avg_sq"))
