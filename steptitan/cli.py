@@ -43,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return train_main(rest)
     if command == "plan":
-        from steptitan.memory import plan_cli
+        from steptitan.planner import plan_cli
 
         return plan_cli(rest)
     if command == "list-plugins":

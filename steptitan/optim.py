@@ -28,6 +28,7 @@ import torch
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 from steptitan.distributed import local_tensor
+from steptitan.memory import OptimizerSpec
 
 
 def step_counts_like(param: torch.Tensor, dim: int) -> torch.Tensor:
@@ -96,3 +97,29 @@ class AdamWSliceSteps(torch.optim.Optimizer):
                     denom = (exp_avg_sq.sqrt() / bias2_sqrt).add_(eps)
                     param.addcdiv_(exp_avg / bias1, denom, value=-lr)
         return loss
+
+
+def galore_optimizer_factory(model: nn.Module, options: Any):
+    """A constructor for ``OptimizersContainer`` that builds galore-torch's GaLoreAdamW.
+
+    2-D block weights matching ``targets`` (default attention and FFN linears)
+    get GaLore's projected Adam (Zhao et al. 2024, Alg. 2: rank, update_proj_gap,
+    scale); every other trainable parameter gets plain Adam in the same
+    optimizer, as in the GaLore repository's torchrun_main.py. Under FSDP2 the
+    projection's SVD runs on DTensor gradients (see docs/benchmark.md)."""
+    try:
+        from galore_torch import GaLoreAdamW
+    except ImportError as exc:  # pragma: no cover - depends on the optional extra
+        raise ImportError("training.optimizer = \"galore\" needs the galore-torch package: pip install 'steptitan[galore]'") from exc
+    spec = OptimizerSpec("galore", options.rank, tuple(options.targets))
+    galore_ids = {id(p) for n, p in model.named_parameters() if p.requires_grad and spec.uses_galore(n, p.dim())}
+    extra = {"rank": spec.galore_rank, "update_proj_gap": options.update_proj_gap,
+             "scale": options.scale, "proj_type": "std"}
+
+    def build(params, **kwargs):
+        params = list(params)
+        groups = [{"params": [p for p in params if id(p) not in galore_ids]},
+                  {"params": [p for p in params if id(p) in galore_ids], **extra}]
+        return GaLoreAdamW([g for g in groups if g["params"]], **kwargs)
+
+    return build

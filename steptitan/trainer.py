@@ -37,7 +37,8 @@ from steptitan.metrics import (
     peak_rss_bytes,
     reset_peak_rss,
 )
-from steptitan.memory import cast_frozen_params, galore_optimizer_factory, predict_stage, stage_flops_per_token
+from steptitan.memory import cast_frozen_params, predict_stage, stage_flops_per_token
+from steptitan.optim import galore_optimizer_factory
 from steptitan.model import base_param_names, init_model_weights, params_by_group
 from steptitan.peft import StepContext
 from steptitan.plan import StagePlan, plan_fingerprint

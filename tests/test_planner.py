@@ -11,12 +11,12 @@ from steptitan.memory import (
     OptimizerSpec,
     largest_fitting,
     layer_inventory,
-    plan_cli,
     plan_splits,
     predict_recipe,
     split_memory,
 )
 from steptitan.model import ModelShape
+from steptitan.planner import plan_cli
 from steptitan.plan import build_plan
 from steptitan.recipe import load_recipe
 
