@@ -88,6 +88,20 @@ def run_torchrun(args: list[str], nproc: int = 2, timeout: float = 600, env: dic
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd or REPO)
 
 
+def write_dist_info(root: Path, name: str, version: str, entry_points: dict[str, str]) -> Path:
+    """An installed-looking distribution's metadata: ``root/<name>-<version>.dist-info`` with
+    METADATA and an entry_points.txt declaring ``entry_points`` in the steptitan plugin group.
+    Put ``root`` on sys.path and call ``steptitan.registry.reset_for_tests()`` to discover it."""
+    from steptitan.registry import ENTRY_POINT_GROUP
+
+    info = root / f"{name.replace('-', '_')}-{version}.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    (info / "entry_points.txt").write_text(
+        f"[{ENTRY_POINT_GROUP}]\n" + "".join(f"{k} = {v}\n" for k, v in entry_points.items()))
+    return info
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
     """One token/tokenizer cache for the whole session (tokenizing once saves minutes)."""

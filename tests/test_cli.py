@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, write_dist_info
 
 PLUGIN = textwrap.dedent('''
     """An external growth operator, registered through the steptitan.plugins entry-point group."""
@@ -33,10 +33,7 @@ PLUGIN = textwrap.dedent('''
 def make_distribution(root: Path) -> Path:
     """An installed-looking distribution: a module plus a *.dist-info folder with an entry point."""
     (root / "ext_steptitan_plugin.py").write_text(PLUGIN)
-    info = root / "ext_steptitan_plugin-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: ext-steptitan-plugin\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[steptitan.plugins]\nrepeat = ext_steptitan_plugin\n")
+    write_dist_info(root, "ext-steptitan-plugin", "0.1", {"repeat": "ext_steptitan_plugin"})
     return root
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import steptitan.registry as registry
-from conftest import REPO
+from conftest import REPO, write_dist_info
 from steptitan.registry import GROWTH
 from test_growth import assert_same_function, grow, logits_pair
 
@@ -23,11 +23,7 @@ def installed_example(tmp_path, monkeypatch):
 
     project = tomllib.loads((EXAMPLE / "pyproject.toml").read_text())["project"]
     entry_points = project["entry-points"][registry.ENTRY_POINT_GROUP]
-    info = tmp_path / "steptitan_growth_example-0.1.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {project['name']}\nVersion: {project['version']}\n")
-    (info / "entry_points.txt").write_text(
-        f"[{registry.ENTRY_POINT_GROUP}]\n" + "".join(f"{k} = {v}\n" for k, v in entry_points.items()))
+    write_dist_info(tmp_path, project["name"], project["version"], entry_points)
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.syspath_prepend(str(EXAMPLE))
     registry.reset_for_tests()

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import pytest
 
 import steptitan.registry as registry
+from conftest import write_dist_info
 from steptitan.registry import GROWTH, PEFT, Registry, UnknownPluginError
 
 
@@ -79,10 +80,7 @@ def external_plugin(tmp_path, monkeypatch):
                 old = [LayerSource((i,), new=False) for i in range(src.n_layers)]
                 return old + [LayerSource((src.n_layers - 1,), new=True)] * self.options.extra
     """))
-    dist = tmp_path / "ext_steptitan_plugin-0.1.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: ext-steptitan-plugin\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[steptitan.plugins]\next_append = ext_steptitan_plugin\n")
+    write_dist_info(tmp_path, "ext-steptitan-plugin", "0.1", {"ext_append": "ext_steptitan_plugin"})
     monkeypatch.syspath_prepend(str(tmp_path))
     registry.reset_for_tests()
     yield
@@ -103,10 +101,7 @@ def test_entry_point_plugin_is_discovered_and_usable(external_plugin):
 
 
 def test_broken_entry_point_names_the_plugin(tmp_path, monkeypatch):
-    dist = tmp_path / "broken_plugin-0.1.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugin\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[steptitan.plugins]\nbroken = no_such_module_xyz\n")
+    write_dist_info(tmp_path, "broken-plugin", "0.1", {"broken": "no_such_module_xyz"})
     monkeypatch.syspath_prepend(str(tmp_path))
     registry.reset_for_tests()
     try:

@@ -289,6 +289,13 @@ def plots(quality: dict, memory: dict, plot_dir: Path) -> list[str]:
     return files
 
 
+def peak_bytes(summary: dict) -> tuple[int, int]:
+    """(predicted, measured) peak per-rank model-state bytes over a run's stages."""
+    meas = max(st["peak_model_state_bytes"] for st in summary["stages"])
+    pred = max(max(st["predicted_model_state_bytes"]) for st in summary["stages"])
+    return pred, meas
+
+
 def report(quality, memory, throughput, args, wall, command) -> tuple[str, dict]:
     ratios: dict[str, float | None] = {}
     lines = ["# Benchmarks", "", "Produced by `tools/bench.py` (how and why: [docs/benchmark.md](docs/benchmark.md)).", "",
@@ -308,8 +315,7 @@ def report(quality, memory, throughput, args, wall, command) -> tuple[str, dict]
                   "|---|---|---|---|---|---|---|---|"]
         worst = 0.0
         for name, s in memory.items():
-            meas = max(st["peak_model_state_bytes"] for st in s["stages"])
-            pred = max(max(st["predicted_model_state_bytes"]) for st in s["stages"])
+            pred, meas = peak_bytes(s)
             worst = max(worst, abs(pred / meas - 1))
             rel = f"{meas / max(st['peak_model_state_bytes'] for st in van['stages']):.3f}x" if van else "-"
             layers = "/".join(str(st["n_layers"]) for st in s["stages"])
@@ -335,8 +341,7 @@ def report(quality, memory, throughput, args, wall, command) -> tuple[str, dict]
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         worst = 0.0
         for name, s in quality.items():
-            meas = max(st["peak_model_state_bytes"] for st in s["stages"])
-            pred = max(max(st["predicted_model_state_bytes"]) for st in s["stages"])
+            pred, meas = peak_bytes(s)
             worst = max(worst, abs(pred / meas - 1))
             flops = sum(st["train_flops"] for st in s["stages"])
             toks = sum(st["step_tokens_per_s"] * st["steps"] for st in s["stages"]) / sum(st["steps"] for st in s["stages"])
