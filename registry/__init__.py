@@ -1,7 +1,7 @@
-"""Plugin registries: growth operators and PEFT methods.
+"""Plugin registries: growth operators, PEFT methods and optimizers.
 
 This folder is both the registry mechanism (this file) and the home of the
-built-in plugins (``growth/`` and ``peft/``, one file per plugin). It installs
+built-in plugins (``growth/``, ``peft/`` and ``optim/``, one file per plugin). It installs
 as ``steptitan.registry``.
 
 A plugin is a class registered with one line::
@@ -91,6 +91,7 @@ def unknown_name_message(kind: str, name: str, known: Any) -> str:
 
 GROWTH = Registry("growth operator")
 PEFT = Registry("PEFT method")
+OPTIM = Registry("optimizer")
 
 _loaded = False
 
@@ -101,7 +102,7 @@ def load_plugins() -> None:
     if _loaded:
         return
     _loaded = True
-    for subpackage in ("growth", "peft"):
+    for subpackage in ("growth", "peft", "optim"):
         package = importlib.import_module(f"{__name__}.{subpackage}")
         for info in pkgutil.iter_modules(package.__path__):
             if not info.name.startswith("_"):

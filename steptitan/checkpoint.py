@@ -17,11 +17,20 @@ first renamed out of the ``stageNN-stepNNNNNN`` namespace (one atomic rename),
 then removed. The only two-rename sequence, replacing a checkpoint of the same
 step (``final -> .old-``, ``.tmp- -> final``), is recovered by
 ``list_checkpoints``: an ``.old-`` folder whose final name is missing counts
-as that checkpoint. docs/reliability.md lists what this does and does not cover.
+as that checkpoint.
+
+``meta.json`` also records every file's size, so a damaged checkpoint (a
+truncated shard, a missing ``extra-rank1.pt``, a ``meta.json`` of ``{}``) is
+recognised before loading and resume falls back to the newest intact one
+(``newest_intact``). A save first makes room: when the free space is short of
+the newest checkpoint's size, ``keep_last`` pruning happens *before* the save
+(``DiskSpaceError`` names the problem otherwise). docs/reliability.md lists
+what this does and does not cover.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -39,6 +48,12 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_mo
 from steptitan import faults
 
 _NAME = re.compile(r"^stage(\d+)-step(\d+)$")
+_REQUIRED_META = ("stage", "step", "world_size", "samples_seen", "global_step")
+SPACE_MARGIN = 1.2  # a save needs the newest checkpoint's size times this, free, before it starts
+
+
+class DiskSpaceError(OSError):
+    """No room for a checkpoint; the message names the folder, the sizes and what to do."""
 
 
 @dataclass(frozen=True)
@@ -82,10 +97,66 @@ def list_checkpoints(root: Path) -> list[CheckpointInfo]:
 
 
 def read_checkpoint(path: Path) -> CheckpointInfo:
+    """An explicitly named checkpoint (``checkpoint.resume=<path>``), validated; ValueError says what is wrong."""
     m = _NAME.match(path.name)
+    if not path.is_dir():
+        raise ValueError(f"checkpoint.resume={str(path)!r}: no such checkpoint folder")
     if not m or not (path / "meta.json").is_file():
-        raise FileNotFoundError(f"{path} is not a complete steptitan checkpoint (no meta.json)")
-    return CheckpointInfo(path, int(m.group(1)), int(m.group(2)), json.loads((path / "meta.json").read_text()))
+        raise ValueError(f"checkpoint.resume={str(path)!r} is not a complete steptitan checkpoint "
+                         f"(expected a stageNN-stepNNNNNN folder with meta.json)")
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"checkpoint.resume={str(path)!r}: unreadable meta.json ({exc})") from None
+    info = CheckpointInfo(path, int(m.group(1)), int(m.group(2)), meta if isinstance(meta, dict) else {})
+    problem = checkpoint_problem(info)
+    if problem:
+        raise ValueError(f"checkpoint.resume={str(path)!r} is damaged: {problem}; pick another checkpoint")
+    return info
+
+
+def _file_sizes(folder: Path) -> dict[str, int]:
+    return {f.name: f.stat().st_size for f in sorted(folder.iterdir()) if f.is_file() and f.name != "meta.json"}
+
+
+def checkpoint_problem(info: CheckpointInfo) -> str | None:
+    """Why ``info`` cannot be loaded (None = intact): meta.json fields, and every file at its recorded size.
+
+    Checks sizes, not checksums: that catches truncation and missing files
+    (the failures of killed copies and full disks) at the cost of a ``stat``;
+    silent bit flips inside a file are not detected.
+    """
+    meta = info.meta
+    missing = [k for k in _REQUIRED_META if k not in meta]
+    if missing:
+        return f"meta.json lacks {', '.join(missing)}"
+    if (meta["stage"], meta["step"]) != (info.stage, info.step):
+        return f"meta.json names stage {meta['stage']} step {meta['step']}, the folder name another"
+    expected = meta.get("files")
+    if expected is None:  # written before sizes were recorded: check what every load needs
+        expected = {".metadata": None, **{f"extra-rank{r}.pt": None for r in range(int(meta["world_size"]))}}
+    for name, size in expected.items():
+        f = info.path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if size is not None and f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size:,} bytes, {size:,} were written"
+    return None
+
+
+def newest_intact(root: Path, warn=None) -> CheckpointInfo | None:
+    """The newest complete checkpoint that passes ``checkpoint_problem``; ``warn(msg)`` hears each one skipped."""
+    for info in reversed(list_checkpoints(root)):
+        problem = checkpoint_problem(info)
+        if problem is None:
+            return info
+        if warn is not None:
+            warn(f"checkpoint {info.path} is damaged ({problem}); skipped, trying the one before it")
+    return None
+
+
+def checkpoint_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
 
 
 class Checkpointer:
@@ -98,6 +169,32 @@ class Checkpointer:
     def latest(self) -> CheckpointInfo | None:
         found = list_checkpoints(self.root)
         return found[-1] if found else None
+
+    def latest_intact(self, warn=None) -> CheckpointInfo | None:
+        return newest_intact(self.root, warn)
+
+    def _make_room(self) -> None:
+        """Rank 0, before a save: prune per ``keep_last`` now if the free space is short.
+
+        Pruning after a save (the normal order) keeps ``keep_last`` checkpoints
+        even while the new one is written, but on a nearly full disk every
+        save then dies with ENOSPC and nothing ever frees space. So when the
+        free space is below the newest checkpoint's size (x SPACE_MARGIN),
+        delete down to ``keep_last - 1`` first. If the save still does not fit,
+        its ENOSPC becomes a ``DiskSpaceError`` naming the sizes.
+        """
+        found = list_checkpoints(self.root)
+        if not found or self.keep_last <= 0:
+            return
+        need = int(checkpoint_bytes(found[-1].path) * SPACE_MARGIN)
+        if shutil.disk_usage(self.root).free < need:
+            for info in found[: max(0, len(found) - (self.keep_last - 1))]:
+                self._delete(info.path)
+
+    def _delete(self, path: Path) -> None:
+        doomed = self.root / f".del-{path.name}"
+        os.replace(path, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
 
     def save(
         self,
@@ -114,24 +211,23 @@ class Checkpointer:
         if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
             self._cleanup()
+            self._make_room()
         _barrier()
-        state = {
-            "model": get_model_state_dict(model),
-            "optimizer": optimizer.state_dict(),
-            "lr_scheduler": lr_schedulers.state_dict(),
-        }
-        dcp.save(state, checkpoint_id=str(tmp))
-        # Small per-rank Python state goes beside the DCP shards: DCP needs a
-        # template of every key to load into, these dicts do not have one.
-        extra = {"rng": _rng_state(), "trainer": dict(trainer_state), "peft": peft_state}
-        with open(tmp / f"extra-rank{self.rank}.pt", "wb") as fh:
-            torch.save(extra, fh)
-            fh.flush()
-            os.fsync(fh.fileno())  # DCP fsyncs its shards (sync_files=True); do the same here
+        try:
+            self._write_shards(tmp, model, optimizer, lr_schedulers, trainer_state, peft_state)
+        except BaseException as exc:  # DCP's CheckpointException derives from BaseException
+            # torch.save's zip writer reports a short write as "unexpected pos", without the errno
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)) or not (
+                    _is_enospc(exc) or shutil.disk_usage(self.root).free < 1 << 20):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # give the space back: the next attempt may fit
+            raise DiskSpaceError(errno.ENOSPC, _space_message(self.root, shutil.disk_usage(self.root).free,
+                                                              self.keep_last)) from None
         faults.pause_point("save", stage, step, self.rank)  # tests: kill a rank mid-save
         _barrier()
         if self.rank == 0:
-            meta = {"stage": stage, "step": step, "world_size": self.world_size, **trainer_state}
+            meta = {"stage": stage, "step": step, "world_size": self.world_size, **trainer_state,
+                    "files": _file_sizes(tmp)}  # every rank's files are complete (barrier); load checks these
             with open(tmp / "meta.json", "w") as fh:
                 json.dump(meta, fh, indent=1)
                 fh.flush()
@@ -145,6 +241,22 @@ class Checkpointer:
             self._prune(keep=final)
         _barrier()
         return final
+
+    def _write_shards(self, tmp: Path, model: nn.Module, optimizer: Any, lr_schedulers: Any,
+                      trainer_state: dict[str, Any], peft_state: dict[str, Any]) -> None:
+        state = {
+            "model": get_model_state_dict(model),
+            "optimizer": optimizer.state_dict(),
+            "lr_scheduler": lr_schedulers.state_dict(),
+        }
+        dcp.save(state, checkpoint_id=str(tmp))
+        # Small per-rank Python state goes beside the DCP shards: DCP needs a
+        # template of every key to load into, these dicts do not have one.
+        extra = {"rng": _rng_state(), "trainer": dict(trainer_state), "peft": peft_state}
+        with open(tmp / f"extra-rank{self.rank}.pt", "wb") as fh:
+            torch.save(extra, fh)
+            fh.flush()
+            os.fsync(fh.fileno())  # DCP fsyncs its shards (sync_files=True); do the same here
 
     def _cleanup(self) -> None:
         """Remove what killed saves and prunes left behind (rank 0, before a save)."""
@@ -160,9 +272,7 @@ class Checkpointer:
         if self.keep_last > 0:
             for info in list_checkpoints(self.root)[: -self.keep_last]:
                 if info.path != keep:
-                    doomed = self.root / f".del-{info.path.name}"
-                    os.replace(info.path, doomed)
-                    shutil.rmtree(doomed, ignore_errors=True)
+                    self._delete(info.path)
 
     def load(self, info: CheckpointInfo, model: nn.Module, optimizer: Any, lr_schedulers: Any) -> dict[str, Any]:
         """Load into an already built and sharded model (DCP reshards across world sizes).
@@ -185,6 +295,32 @@ class Checkpointer:
         if same_world:
             _set_rng_state(extra["rng"])
         return {"trainer": extra["trainer"], "peft": extra["peft"]}
+
+
+def _is_enospc(exc: BaseException) -> bool:
+    """ENOSPC/EDQUOT anywhere in ``exc``: DCP wraps per-rank write errors in a CheckpointException."""
+    seen: list[BaseException] = [exc]
+    while seen:
+        e = seen.pop()
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(e) or "Disk quota exceeded" in str(e):
+            return True
+        seen += [x for x in (e.__cause__, e.__context__) if x is not None]
+        for value in getattr(e, "failures", {}).values() if isinstance(getattr(e, "failures", None), dict) else ():
+            if isinstance(value, BaseException):
+                seen.append(value)
+    return False
+
+
+def _space_message(root: Path, free: int, keep_last: int) -> str:
+    from steptitan.metrics import fmt_bytes
+
+    prune = (f"checkpoint.keep_last={keep_last} already pruned what it may" if keep_last
+             else "set checkpoint.keep_last=N to delete old checkpoints")
+    return (f"not enough disk space for a checkpoint in {root} (No space left on device, {fmt_bytes(free)} free); "
+            f"{prune}; free space there (or raise checkpoint.interval), then run the same command to resume "
+            f"from the newest checkpoint")
 
 
 def _rng_state() -> dict[str, Any]:

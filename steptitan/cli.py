@@ -10,22 +10,26 @@ USAGE = """usage: steptitan <command> [args]
 
 commands:
   train RECIPE.toml [key=value ...] [--dry-run]   run a recipe (single process; use torchrun for more)
-  list-plugins                                    list growth operators and PEFT methods with their options
+  list-plugins                                    list growth operators, PEFT methods and optimizers with their options
   plan [--dim D --layers L -K 3 --peft lora ...]  best STEP stage splits by peak memory; --write-recipe; --budget
+  sweep SWEEP.toml [--list --check --report-only]  run a sweep of recipes, resumably (docs/sweeps.md)
+  bench [--recipes a,b --seeds N --budget-tokens N] the equal-FLOP benchmark over seeds (docs/benchmark.md)
+  export CHECKPOINT_OR_RUN OUT_DIR                 a checkpoint as a Hugging Face Llama folder
 """
 
 
 def list_plugins() -> str:
-    from steptitan.registry import GROWTH, PEFT
+    from steptitan.registry import GROWTH, OPTIM, PEFT
 
     lines = []
-    for title, registry in (("growth operators", GROWTH), ("PEFT methods", PEFT)):
+    for title, registry in (("growth operators", GROWTH), ("PEFT methods", PEFT), ("optimizers", OPTIM)):
         lines.append(f"{title}:")
         for name in registry.names():
             cls = registry.get(name)
             # built-ins live in steptitan.registry; anything else came through the entry-point group
             origin = cls.__module__ if cls.__module__.startswith("steptitan.registry") else f"external: {cls.__module__}"
-            lines.append(f"  {name:<18} {getattr(cls, 'description', '')}  [{origin}]")
+            extra = f" (pip extra: {cls.requires})" if getattr(cls, "requires", None) else ""
+            lines.append(f"  {name:<18} {getattr(cls, 'description', '')}{extra}  [{origin}]")
             for f in dataclasses.fields(cls.Options):
                 default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
                 lines.append(f"      {f.name} = {default!r}")
@@ -46,6 +50,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         from steptitan.planner import plan_cli
 
         return plan_cli(rest)
+    if command == "sweep":
+        from steptitan.experiments.sweep import main as sweep_main
+
+        return sweep_main(rest)
+    if command == "bench":
+        from steptitan.experiments.bench import main as bench_main
+
+        return bench_main(rest)
+    if command == "export":
+        from steptitan.export import main as export_main
+
+        return export_main(rest)
     if command == "list-plugins":
         print(list_plugins())
         return 0

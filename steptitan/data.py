@@ -13,12 +13,15 @@ serialise on a file lock and the later ones reuse the cache.
 from __future__ import annotations
 
 import ast
+import codecs
 import fcntl
 import hashlib
 import json
 import os
+import shutil
 import sys
 import sysconfig
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +30,9 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
-from steptitan.recipe import DataConfig
+from steptitan import faults
+from steptitan.distributed import env_world_size
+from steptitan.recipe import DataConfig, Recipe, RecipeError
 
 EOS_TOKEN = "<|endoftext|>"
 EMBEDDED_CORPUS = "stdlib-docs"
@@ -71,8 +76,65 @@ def stdlib_docstrings() -> list[str]:
 _BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
+TEXT_PIECE_CHARS = 1 << 22  # a .txt file is read in pieces of ~4 Mi characters (one document each)
+
+
+def _first_bad_utf8(p: Path) -> tuple[int, int]:
+    """(byte offset, byte) of the first invalid UTF-8 sequence in ``p`` (only called once decoding failed)."""
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    offset = 0
+    with open(p, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as exc:
+                # the decoder may hold up to 3 bytes of an unfinished sequence from the previous chunk
+                return max(0, offset + exc.start - len(decoder.getstate()[0])), chunk[max(exc.start, 0)]
+            offset += len(chunk)
+    return offset, 0
+
+
+def _read_text(p: Path, shown: str) -> Iterator[str]:
+    """A .txt file as documents of at most TEXT_PIECE_CHARS characters, cut after a newline.
+
+    Streamed: only the pieces a consumer asks for are read, so ``data.max_chars``
+    stops the reading (a file smaller than one piece is one document, as before).
+    Decoding is strict UTF-8 with universal newlines; a file that is not UTF-8
+    text, or holds NUL bytes (binary), is one DataError naming the file.
+    """
+    rest = ""
+    with open(p, encoding="utf-8", errors="strict", newline=None) as fh:
+        while True:
+            try:
+                chunk = fh.read(TEXT_PIECE_CHARS)
+            except UnicodeDecodeError as exc:
+                with open(p, "rb") as raw:
+                    if b"\0" in raw.read(1 << 16):
+                        raise DataError(f"data file {shown!r} holds NUL bytes: a binary file, not text") from None
+                offset, byte = _first_bad_utf8(p)
+                raise DataError(f"data file {shown!r} is not UTF-8 text: byte 0x{byte:02x} at offset {offset:,} is "
+                                f"not valid UTF-8 ({exc.reason}); it may be latin-1/cp1252 text or a binary file. "
+                                f"Convert it, e.g. `iconv -f latin1 -t utf-8 {shown} > {Path(shown).stem}.utf8.txt`") from None
+            if "\0" in chunk:
+                raise DataError(f"data file {shown!r} holds NUL bytes (offset ~{fh.tell():,}): a binary file, not text")
+            if not chunk:
+                if rest:
+                    yield rest
+                return
+            text = rest + chunk
+            cut = text.rfind("\n", 0, TEXT_PIECE_CHARS) + 1 if len(text) >= TEXT_PIECE_CHARS else 0
+            if cut <= 0:
+                rest = text
+                if len(rest) >= 2 * TEXT_PIECE_CHARS:  # no newline at all: cut anywhere
+                    yield rest[:TEXT_PIECE_CHARS]
+                    rest = rest[TEXT_PIECE_CHARS:]
+                continue
+            yield text[:cut]
+            rest = text[cut:]
+
+
 def _load_file_docs(path: str, text_column: str) -> Iterator[str]:
-    """One document per row (json/parquet) or one per file (txt)."""
+    """One document per row (json/parquet, streamed) or per ~4 Mi-character piece of a .txt file."""
     import datasets
 
     p = Path(os.path.expanduser(path))
@@ -81,17 +143,23 @@ def _load_file_docs(path: str, text_column: str) -> Iterator[str]:
     builder = _BUILDERS.get(p.suffix.lower())
     if builder is None:
         raise DataError(f"data file {path!r}: unsupported type {p.suffix!r}; use one of {', '.join(sorted(_BUILDERS))}")
-    try:
-        if builder == "text":
-            ds = datasets.load_dataset("text", data_files=str(p), split="train", sample_by="document")
-            yield from (row["text"] for row in ds)
-            return
-        ds = datasets.load_dataset(builder, data_files=str(p), split="train")
+    if builder == "text":
+        yield from _read_text(p, path)
+        return
+    try:  # streaming: rows are read as they are consumed, so max_chars stops the reading
+        rows = iter(datasets.load_dataset(builder, data_files=str(p), split="train", streaming=True))
+        first = next(rows, None)
     except Exception as exc:
         raise DataError(f"could not read {path!r}: {exc}") from None
-    if text_column not in ds.column_names:
-        raise DataError(f"{path!r} has no column {text_column!r} (columns: {', '.join(ds.column_names)}); set data.text_column")
-    yield from (row[text_column] for row in ds)
+    if first is None:
+        return
+    if text_column not in first:
+        raise DataError(f"{path!r} has no column {text_column!r} (columns: {', '.join(first)}); set data.text_column")
+    yield first[text_column]
+    try:
+        yield from (row[text_column] for row in rows)
+    except Exception as exc:
+        raise DataError(f"could not read {path!r}: {exc}") from None
 
 
 def _load_hub_docs(cfg: DataConfig) -> Iterator[str]:
@@ -188,11 +256,43 @@ def load_tokenizer(path: str | Path):
 # --------------------------------------------------------------------------- cache
 
 
+def _progress(message: str) -> None:
+    print(f"steptitan: data: {message}", file=sys.stderr, flush=True)
+
+
+class _Reading:
+    """Pass documents through, counting characters and printing progress every ~5 s (long preparations)."""
+
+    def __init__(self, docs: Iterable[str], what: str, max_chars: int):
+        self.docs, self.what, self.max_chars = docs, what, max_chars
+        self.chars = 0
+        self.nonblank = False
+        self.t0 = self.last = time.monotonic()
+
+    def __iter__(self) -> Iterator[str]:
+        for doc in self.docs:
+            self.chars += len(doc)
+            self.nonblank = self.nonblank or bool(doc.strip())
+            now = time.monotonic()
+            if now - self.last > 5:
+                self.last = now
+                of = f" of max_chars={self.max_chars:,} ({100 * self.chars / self.max_chars:.0f}%)" if self.max_chars else ""
+                _progress(f"{self.what}: {self.chars:,} characters{of}, {now - self.t0:.0f} s")
+            yield doc
+
+
 @contextmanager
-def _locked(path: Path):
+def _locked(path: Path, entry: Path):
+    """An exclusive flock on ``path`` guarding the cache entry ``entry``; says so when it has to wait."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if os.environ.get("LOCAL_RANK", "0") == "0":  # other ranks of one launch expect to wait for rank 0
+                _progress(f"waiting for another process preparing data.cache_dir/{entry.parent.name}/{entry.name} "
+                          f"(it holds lock {path.name})")
+            fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
         finally:
@@ -255,12 +355,26 @@ def prepare_data(cfg: DataConfig, model_vocab_size: int) -> PreparedData:
 
     key = _digest({"src": fingerprint, "val": val_fp, "tok": tok_key})
     data_dir = cache / "tokens" / key
-    with _locked(cache / "locks" / f"{key}.lock"):
-        if not cfg.tokenizer and not (tok_dir / "tokenizer.json").is_file():
-            docs = list(_truncate(corpus_docs(cfg, files), cfg.max_chars))
-            if not any(d.strip() for d in docs):
-                raise DataError("the training corpus is empty")
-            train_bpe(docs, model_vocab_size, tok_dir)
+    if not cfg.tokenizer:
+        # One lock per cache entry: the tokenizer folder is shared by every data key with the same
+        # training text, so it has its own lock (two runs differing only in validation data must
+        # not train into it at once), and it appears by one rename, complete or not at all.
+        with _locked(cache / "locks" / f"tokenizer-{tok_dir.name}.lock", tok_dir):
+            if not (tok_dir / "tokenizer.json").is_file():
+                faults.pause_point("tokenizer", 0, 0, 0)  # tests: park while holding the lock
+                t0 = time.monotonic()
+                _progress(f"training a byte-level BPE tokenizer (vocab {model_vocab_size:,}) -> "
+                          f"data.cache_dir/tokenizers/{tok_dir.name}")
+                reading = _Reading(_truncate(corpus_docs(cfg, files), cfg.max_chars), "tokenizer", cfg.max_chars)
+                tmp_dir = tok_dir.with_name(f".tmp-{tok_dir.name}-{os.getpid()}")
+                train_bpe(reading, model_vocab_size, tmp_dir)
+                if not reading.nonblank:
+                    shutil.rmtree(tmp_dir, ignore_errors=True)
+                    raise DataError("the training corpus is empty")
+                shutil.rmtree(tok_dir, ignore_errors=True)  # a partial folder from an older version
+                os.replace(tmp_dir, tok_dir)
+                _progress(f"tokenizer trained on {reading.chars:,} characters in {time.monotonic() - t0:.1f} s")
+    with _locked(cache / "locks" / f"{key}.lock", data_dir):
         tokenizer = load_tokenizer(tok_dir)
         vocab = tokenizer.get_vocab_size()
         if vocab > model_vocab_size:
@@ -271,8 +385,10 @@ def prepare_data(cfg: DataConfig, model_vocab_size: int) -> PreparedData:
         dtype = "uint16" if model_vocab_size <= 65535 else "uint32"
         meta_path = data_dir / "meta.json"
         if not meta_path.is_file():
+            t0 = time.monotonic()
+            _progress(f"tokenizing the corpus -> data.cache_dir/tokens/{key}")
             data_dir.mkdir(parents=True, exist_ok=True)
-            docs = _truncate(corpus_docs(cfg, files), cfg.max_chars)
+            docs = _Reading(_truncate(corpus_docs(cfg, files), cfg.max_chars), "tokenizing", cfg.max_chars)
             n_all = _encode_to_file(docs, tokenizer, eos_id, data_dir / "all.bin", dtype)
             if n_all == 0:
                 raise DataError("the training corpus is empty")
@@ -288,6 +404,7 @@ def prepare_data(cfg: DataConfig, model_vocab_size: int) -> PreparedData:
                 del all_tokens
                 os.remove(data_dir / "all.bin")
             meta_path.write_text(json.dumps({"fingerprint": fingerprint, "vocab": vocab, "eos_id": eos_id}))
+            _progress(f"{n_all:,} tokens ready in {time.monotonic() - t0:.1f} s")
     return PreparedData(tok_dir, data_dir / "train.bin", data_dir / "val.bin", vocab, int(eos_id), dtype)
 
 
@@ -297,6 +414,25 @@ def prepare_data(cfg: DataConfig, model_vocab_size: int) -> PreparedData:
 def num_blocks(n_tokens: int, seq_len: int) -> int:
     """Blocks of seq_len inputs (+1 shifted label) that ``n_tokens`` can fill."""
     return max(0, (n_tokens - 1) // seq_len)
+
+
+def check_data_fits(recipe: Recipe, train_tokens: int, val_tokens: int) -> None:
+    """seq_len and batch must be fillable from the prepared token files."""
+    t = recipe.training
+    world = env_world_size()
+    for split, n_tokens in (("training", train_tokens), ("validation", val_tokens)):
+        blocks = num_blocks(n_tokens, t.seq_len)
+        if blocks == 0:
+            raise RecipeError(
+                f"training.seq_len={t.seq_len} is larger than the {split} data can fill "
+                f"({n_tokens:,} tokens make no block of {t.seq_len + 1}); lower seq_len or add text"
+            )
+    blocks = num_blocks(train_tokens, t.seq_len)
+    if blocks < world * t.batch_size:
+        raise RecipeError(
+            f"the training data makes {blocks} blocks of seq_len={t.seq_len}, fewer than one step needs "
+            f"({world} ranks x batch_size {t.batch_size}); lower seq_len or batch_size, or add text"
+        )
 
 
 class BlockSampler:

@@ -1,22 +1,28 @@
-"""Process group, device mesh and FSDP2 sharding: one code path for CPU (gloo) and CUDA (nccl).
+"""Ranks and shards: process group, device mesh, FSDP2 sharding, and each rank's view of a sharded tensor.
 
-Under ``torchrun`` the rank/world come from the environment; without it the
-same code runs as a world of one (an in-process store, no network).
+One code path for CPU (gloo) and CUDA (nccl). Under ``torchrun`` the
+rank/world come from the environment; without it the same code runs as a
+world of one (an in-process store, no network). The helpers below the
+process group work on FSDP2's dim-0 layout without communicating
+(``local_rows``, ``local_part``, ``shard_rows``) and draw values identical on
+every rank and for every world size (``seeded_generator``, ``init_like``).
 """
 
 from __future__ import annotations
 
 import datetime
+import hashlib
+import math
 import os
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from torch.utils.checkpoint import checkpoint
 
 
@@ -129,6 +135,70 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor (all-gathered for a DTensor). Use on one parameter at a time."""
     return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+# --------------------------------------------------------------------------- FSDP2 dim-0 shards
+
+
+def local_rows(rows: int, world_size: int, rank: int) -> int:
+    """Rows of a dim-0 FSDP2 shard on ``rank`` (torch.chunk: ceil-sized chunks, trailing ranks may be empty)."""
+    if rows == 0:
+        return 0
+    chunk = math.ceil(rows / world_size)
+    return max(0, min(chunk, rows - rank * chunk))
+
+
+def local_shape(shape: Sequence[int], world_size: int, rank: int) -> tuple[int, ...]:
+    """Shape of ``rank``'s dim-0 FSDP2 shard of a tensor of ``shape``."""
+    if not shape:
+        return tuple(shape)
+    return (local_rows(shape[0], world_size, rank), *shape[1:])
+
+
+def shard_rows(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """This rank's dim-0 chunk of ``full`` (any shape) over ``like``'s mesh (a DTensor Shard(0) layout), no comms."""
+    if not isinstance(like, DTensor):
+        return full
+    device = local_tensor(like).device
+    return distribute_tensor(full.to(device), like.device_mesh, [Shard(0)], src_data_rank=None).to_local()
+
+
+def gather_rows(local: torch.Tensor, like: torch.Tensor, rows: int) -> torch.Tensor:
+    """Inverse of ``shard_rows``: the full (rows, ...) tensor on every rank (an all-gather)."""
+    if not isinstance(like, DTensor):
+        return local
+    local = local.contiguous().to(local_tensor(like).device)
+    shape = (rows, *local.shape[1:])
+    stride = tuple(math.prod(shape[k + 1:]) for k in range(len(shape)))
+    return DTensor.from_local(local, like.device_mesh, [Shard(0)], run_check=False, shape=shape, stride=stride).full_tensor()
+
+
+def global_rows(t: torch.Tensor) -> torch.Tensor:
+    """Global indices of the dim-0 rows this rank holds of ``t``."""
+    ids = torch.arange(t.shape[0], device=local_tensor(t).device).unsqueeze(1)
+    return local_part(ids, t)[:, 0] if isinstance(t, DTensor) else ids[:, 0]
+
+
+# --------------------------------------------------------------------------- world-size-independent draws
+
+
+def seeded_generator(seed: int, *keys: object) -> torch.Generator:
+    """A CPU generator seeded from (seed, keys): identical on every rank, any world size."""
+    digest = hashlib.sha256(repr((seed,) + keys).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+@torch.no_grad()
+def init_like(param: torch.Tensor, init: Callable[[torch.Tensor, torch.Generator], None], gen: torch.Generator) -> None:
+    """Initialise a (possibly sharded) parameter from a full tensor drawn on every rank.
+
+    Drawing the full tensor with a shared generator makes the result the same
+    for every world size (adapters are small, so this costs little).
+    """
+    full = torch.empty(param.shape, dtype=torch.float32)
+    init(full, gen)
+    local = local_tensor(param)
+    local.copy_(local_part(full.to(local.device), param))
 
 
 def reshard(model: nn.Module) -> None:

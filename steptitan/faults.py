@@ -18,6 +18,13 @@ processes at exactly chosen moments and compare loss trajectories bit for bit:
     ``step``  after step STEP of stage STAGE is done (and its checkpoint saved, if any);
     ``save``  inside the checkpoint save of (STAGE, STEP), after every shard is
               written and before the completion mark (meta.json) and the rename.
+``STEPTITAN_PAUSE_AT=tokenizer:0:0``
+    the process preparing data parks while it holds the cache entry's lock,
+    just before training the tokenizer (a second process must wait for it).
+``STEPTITAN_STEP_DELAY=SECONDS``
+    every rank sleeps this long after each step (a test can then signal a run mid-stage).
+``STEPTITAN_EXIT_AT=STAGE:STEP:RANK``
+    that rank calls ``sys.exit(0)`` after that step (a plugin's stray ``exit``).
 ``STEPTITAN_INJECT_NAN=STAGE:STEP[,STAGE:STEP...]``
     rank 0's loss at those steps is multiplied by NaN before backward, so the
     NaN reaches the all-reduced loss and the gradients like a real blow-up.
@@ -27,6 +34,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -74,3 +82,15 @@ def log_loss(stage: int, step: int, global_step: int, loss: float, skipped: bool
         with open(path, "a") as fh:
             fh.write(json.dumps({"stage": stage, "step": step, "global_step": global_step,
                                  "loss": loss, "skipped": skipped}) + "\n")
+
+
+def step_boundary(stage: int, step: int, rank: int) -> None:
+    """STEPTITAN_STEP_DELAY and STEPTITAN_EXIT_AT, called after every step."""
+    delay = os.environ.get("STEPTITAN_STEP_DELAY")
+    if delay:
+        time.sleep(float(delay))
+    where = os.environ.get("STEPTITAN_EXIT_AT")
+    if where:
+        s, n, r = (int(x) for x in where.split(":"))
+        if (s, n, r) == (stage, step, rank):
+            sys.exit(0)

@@ -16,25 +16,28 @@ a weight scales its gradient the other way (docs/growth.md, "Optimizer state").
 
 Depth growth never gathers: FSDP2 shards every parameter on dim 0 over the
 same mesh, so a block of the grown model has the same local shard layout as
-its source block and copying ``to_local()`` tensors is exact.
+its source block and copying ``to_local()`` tensors is exact. The trainer
+returns both models to their sharded state before calling any hook that reads
+or writes weights (``grow``, ``carry_optimizer_state``, ``merge``), so
+operators never call ``reshard`` themselves.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Literal, Mapping
 
 import torch
 from torch import nn
 
-from steptitan.distributed import local_tensor, reshard
+from steptitan.distributed import local_tensor
 from steptitan.metrics import log
 from steptitan.model import ModelShape, base_param_names
 from steptitan.optim import AdamWSliceSteps
+from steptitan.schema import check_options
 
-KINDS = ("weight", "exp_avg", "exp_avg_sq")  # what grow_tensors is growing
-STATE_POLICIES = ("fresh", "copy")  # optimizer state across growth
+StatePolicy = Literal["fresh", "copy"]  # optimizer state across growth: the type of an ``optimizer_state`` option
 
 
 @dataclass(frozen=True)
@@ -71,9 +74,10 @@ class GrowthOperator:
 
     def __init__(self, options=None):
         self.options = options if options is not None else self.Options()
-        policy = getattr(self.options, "optimizer_state", "fresh")
-        if policy not in STATE_POLICIES:
-            raise ValueError(f"optimizer_state must be one of {', '.join(STATE_POLICIES)}, got {policy!r}")
+        # Options built in code meet the same declared choices and ranges as a recipe's (steptitan/schema.py).
+        errors = check_options(self.options, getattr(self, "registry_name", type(self).__name__))
+        if errors:
+            raise ValueError("; ".join(errors))
 
     def target_shape(self, src: ModelShape) -> ModelShape:
         raise NotImplementedError
@@ -90,9 +94,8 @@ class GrowthOperator:
 
     @torch.no_grad()
     def grow(self, src: nn.Module, dst: nn.Module, src_shape: ModelShape) -> None:
-        """Fill ``dst``'s dense weights from ``src`` (both built and sharded; PEFT params untouched)."""
-        reshard(src)  # FSDP2 leaves the root unsharded after forward
-        reshard(dst)
+        """Fill ``dst``'s dense weights from ``src`` (both built and sharded -- the trainer reshards them
+        first -- PEFT params untouched)."""
         self.grow_tensors(dense_params(src, src_shape), dense_params(dst, src_shape), src_shape, "weight")
 
     def grow_tensors(self, src: Mapping[str, torch.Tensor], dst: Mapping[str, torch.Tensor],
@@ -132,8 +135,19 @@ class GrowthOperator:
         """Fold whatever ``attach`` added into the weights (function unchanged), before the next growth."""
 
 
-def params_by_name(model: nn.Module) -> dict[str, nn.Parameter]:
-    return dict(model.named_parameters(remove_duplicate=False))
+class SameShape(GrowthOperator):
+    """Carry every weight over unchanged (what the trainer uses for a later stage with no growth operator)."""
+
+    registry_name = "copy"
+
+    def target_shape(self, src: ModelShape) -> ModelShape:
+        return src
+
+    def layer_sources(self, src: ModelShape) -> list[LayerSource]:
+        return [LayerSource((j,), new=False) for j in range(src.n_layers)]
+
+    def is_exact(self, src: ModelShape | None = None) -> bool:
+        return True
 
 
 _base_names = lru_cache(maxsize=32)(base_param_names)  # builds a meta model: cache per shape
@@ -179,34 +193,7 @@ def copy_by_source(src: Mapping[str, torch.Tensor], dst: Mapping[str, torch.Tens
     return filled
 
 
-@torch.no_grad()
-def copy_layers_by_source(
-    src: nn.Module, dst: nn.Module, src_shape: ModelShape, sources: list[LayerSource]
-) -> None:
-    """Copy base weights shard-locally: non-layer params by name, layers by ``sources``.
-
-    Only the dense model's own parameters are copied; PEFT parameters of the
-    destination keep their fresh initialisation.
-    """
-    reshard(src)
-    reshard(dst)
-    copy_by_source(dense_params(src, src_shape), dense_params(dst, src_shape), sources)
-
-
 ZEROED = ("attention.wo.weight", "feed_forward.w2.weight")  # the identity trick's two matrices
-
-
-@torch.no_grad()
-def zero_block_outputs(model: nn.Module, layer_ids: list[int]) -> None:
-    """Make pre-norm blocks the identity: zero attention.wo and feed_forward.w2.
-
-    x + wo(attn(norm(x))) + w2(ffn(...)) reduces to x (STEP/G_stack identity
-    trick, methods.md "Exact identity trick").
-    """
-    for j in layer_ids:
-        block = model.layers[str(j)]
-        local_tensor(block.attention.wo.weight).zero_()
-        local_tensor(block.feed_forward.w2.weight).zero_()
 
 
 # --------------------------------------------------------------------------- depth growth with exact modes
@@ -217,8 +204,8 @@ class DepthOptions:
     """Options every depth operator shares (interpolate, stack)."""
 
     zero_out: bool = False  # exact mode: zero new blocks' attention.wo and feed_forward.w2 (identity blocks)
-    mask_steps: int = 0  # MSG-style mask: scale new blocks' branches by min(1, step / mask_steps); 0 = off
-    optimizer_state: str = "fresh"  # fresh | copy (new layers take their source layers' Adam moments)
+    mask_steps: int = field(default=0, metadata={"ge": 0})  # MSG-style mask: scale new blocks' branches by min(1, step / mask_steps); 0 = off
+    optimizer_state: StatePolicy = "fresh"  # copy = new layers take their source layers' Adam moments
 
 
 class DepthGrowth(GrowthOperator):
@@ -226,8 +213,6 @@ class DepthGrowth(GrowthOperator):
 
     def __init__(self, options=None):
         super().__init__(options)
-        if self.options.mask_steps < 0:
-            raise ValueError(f"mask_steps must be >= 0, got {self.options.mask_steps}")
         self.mask = BranchMask(self.options.mask_steps) if self.options.mask_steps else None
 
     def is_exact(self, src: ModelShape | None = None) -> bool:
@@ -298,7 +283,6 @@ class BranchMask:
 
     @torch.no_grad()
     def fold(self, model: nn.Module) -> None:
-        reshard(model)
         for linear in self.modules:
             local_tensor(linear.weight).mul_(self.value)
         for handle in self.handles:
@@ -328,12 +312,13 @@ def carry_adam_state(op: GrowthOperator, src: nn.Module, src_optimizer: Any, dst
     continues where it was.
     """
     adam_like = (torch.optim.Adam, torch.optim.AdamW, AdamWSliceSteps)
-    if not all(isinstance(o, adam_like) for o in getattr(dst_optimizer, "optimizers", [dst_optimizer])):
+    policy = getattr(dst_optimizer, "growth_state_policy", None)  # steptitan.optim.StageOptimizers: per plugin
+    dst_optimizers = [o for o in getattr(dst_optimizer, "optimizers", [dst_optimizer])
+                      if (policy(o) == "copy" if policy is not None else isinstance(o, adam_like))]
+    if not dst_optimizers:
         # e.g. GaLore keeps moments in a projected space: nothing here maps onto it
-        log.warning(f"optimizer_state=copy: {type(dst_optimizer).__name__} is not Adam(W); new state starts fresh")
+        log.warning(f"optimizer_state=copy: no optimizer of this stage keeps Adam moments; new state starts fresh")
         return 0
-    reshard(src)
-    reshard(dst)
     old_state = optimizer_state_of(src_optimizer)
     src_params = dense_params(src, src_shape)
     dst_params = {n: p for n, p in dense_params(dst, src_shape).items() if p.requires_grad}
@@ -346,14 +331,15 @@ def carry_adam_state(op: GrowthOperator, src: nn.Module, src_optimizer: Any, dst
         filled[kind] = op.grow_tensors(src_moments, grown[kind], src_shape, kind)
     name_of = {id(p): n for n, p in dst_params.items()}
     seeded = 0
-    for opt in getattr(dst_optimizer, "optimizers", [dst_optimizer]):
+    for opt in dst_optimizers:  # optimizers whose plugin's growth_state_policy is "fresh" start afresh
         for group in opt.param_groups:
             for p in group["params"]:
                 name = name_of.get(id(p))
                 if name not in filled["exp_avg"] or name not in filled["exp_avg_sq"]:
                     continue  # fresh state: Adam initialises it at the first step
                 source = old_state[src_params[filled["exp_avg"][name]]]
-                opt.state[p] = {"step": source["step"].clone(), "exp_avg": grown["exp_avg"][name],
+                step = torch.as_tensor(source["step"], dtype=torch.float32).clone()  # an int in e.g. GaLoreAdamW
+                opt.state[p] = {"step": step, "exp_avg": grown["exp_avg"][name],
                                 "exp_avg_sq": grown["exp_avg_sq"][name]}
                 seeded += 1
     return seeded

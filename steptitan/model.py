@@ -8,13 +8,16 @@ transform and the planner counts; ``build_model`` turns it into torchtitan's
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
 from torchtitan.models.llama3 import Transformer, TransformerModelArgs
 from torchtitan.models.llama3.model.model import precompute_freqs_cis
 
+from steptitan.distributed import local_part, local_tensor
 from steptitan.recipe import ModelConfig
 
 
@@ -133,10 +136,69 @@ def set_head_dim(model: Transformer, shape: ModelShape) -> None:
     model.freqs_cis = model._precompute_freqs_cis()
 
 
+def shape_of(model: Transformer) -> ModelShape:
+    """The ``ModelShape`` a built (possibly sharded or PEFT-adapted) model has."""
+    args = model.model_args
+    attn = model.layers["0"].attention if len(model.layers) else None
+    head_dim = attn.head_dim if attn is not None else args.dim // args.n_heads
+    return ModelShape(
+        dim=args.dim, n_layers=len(model.layers), n_heads=args.n_heads, n_kv_heads=args.n_kv_heads or args.n_heads,
+        vocab_size=args.vocab_size,
+        ffn_hidden=model.layers["0"].feed_forward.w1.out_features if len(model.layers) else 1,
+        norm_eps=args.norm_eps, rope_theta=args.rope_theta,
+        tie_embeddings=model.output.weight is model.tok_embeddings.weight, max_seq_len=args.max_seq_len,
+        fixed_head_dim=None if head_dim == args.dim // args.n_heads else head_dim,
+    )
+
+
+def derive_seed(seed: int, *keys: object) -> int:
+    """A 63-bit seed from (seed, keys): the same on every rank and at every world size."""
+    digest = hashlib.sha256(repr((seed,) + keys).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
 @torch.no_grad()
-def init_model_weights(model: Transformer) -> None:
-    """torchtitan's init, keeping a tied LM head tied to the embedding."""
-    model.init_weights(buffer_device=model.tok_embeddings.weight.device)
+def init_model_weights(model: Transformer, shape: ModelShape | None = None, seed: int | None = None) -> None:
+    """torchtitan's initialisation, drawn on full tensors: a function of (shape, seed) alone.
+
+    On a CPU device mesh DTensor's random ops have no RNG tracker, so drawing
+    on sharded parameters gives every rank the same local values (each 2-rank
+    weight would be two copies of one half; issue 11). Instead each FSDP unit
+    (a block, then the root: embeddings, final norm, LM head) is materialised
+    unsharded on CPU as a twin, initialised by torchtitan's own ``init_weights``
+    (so its stds, depth init and truncation are used as they are) from a CPU
+    generator seeded by (seed, unit), and every rank keeps its part. Peak
+    extra memory is one unit in float32. The result is identical at any world
+    size and on CPU or GPU. PEFT parameters are left to the PEFT method's
+    ``init_weights``; a tied LM head stays tied (the head's init wins, as in
+    torchtitan). ``seed=None`` draws one from the global torch RNG.
+    """
+    shape = shape or shape_of(model)
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+    device = local_tensor(model.tok_embeddings.weight).device
+    with torch.device(device):  # the RoPE table (a non-persistent buffer)
+        model.freqs_cis = model._precompute_freqs_cis()
+    params = dict(model.named_parameters(remove_duplicate=False))
+    twin = build_model(shape)  # meta: allocates nothing until a unit is materialised
+
+    def fill(prefix: str, unit: nn.Module, init: Callable[[], None]) -> None:
+        unit.to_empty(device="cpu")
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(derive_seed(seed, "init", prefix))
+            init()
+        for name, full in unit.named_parameters():
+            dst = params.get(prefix + name)
+            if dst is None:
+                raise ValueError(f"init: the model has no parameter {prefix + name!r} (a plugin renamed a dense weight?)")
+            local = local_tensor(dst)
+            local.copy_(local_part(full.detach().to(local.device), dst))
+        unit.to_empty(device="meta")  # free the twin's memory
+
+    for j, block in twin.layers.items():
+        fill(f"layers.{j}.", block, block.init_weights)
+    twin.layers = nn.ModuleDict()  # the root unit: embeddings, final norm, LM head
+    fill("", twin, lambda: twin.init_weights(buffer_device=torch.device("cpu")))
 
 
 def base_param_names(shape: ModelShape) -> set[str]:
@@ -172,3 +234,21 @@ def params_by_group(model: nn.Module, old_layers: set[int], base_names: set[str]
         group = layer_group_of(name, old_layers) if name in base_names else "adapters"
         out["trainable" if p.requires_grad else "frozen"][group] += p.numel()
     return out
+
+
+def cast_frozen_params(model: nn.Module, dtype: torch.dtype) -> None:
+    """Store every frozen parameter in ``dtype`` (on the meta model, before sharding).
+
+    With bfloat16 this is the STEP paper's mixed-precision policy: frozen
+    weights have no master copy, gradient or optimizer state, so 2 bytes each.
+    FSDP2 requires one dtype only among a unit's trainable parameters, so
+    mixing bf16 frozen and fp32 trainable parameters in a block is allowed."""
+    if dtype == torch.float32:
+        return
+    replaced: dict[int, nn.Parameter] = {}  # a tied embedding/head Parameter stays one Parameter
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            if not p.requires_grad and p.dtype != dtype:
+                if id(p) not in replaced:
+                    replaced[id(p)] = nn.Parameter(p.detach().to(dtype), requires_grad=False)
+                setattr(module, name, replaced[id(p)])

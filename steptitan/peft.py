@@ -1,88 +1,124 @@
-"""The PEFT-method interface (docs/peft.md).
+"""The PEFT-plugin contract: ``PeftMethod`` declares every hook the trainer calls, with its default.
 
-A PEFT method is built for one stage and one set of layers. The trainer calls,
-in this order:
+A PEFT method is built for one stage and one set of layers (docs/peft.md, "A
+PEFT plugin must / may"). The trainer calls, in this order:
 
-1. ``apply(model)`` on the meta-device model, before sharding: add adapter
-   parameters/modules (never renaming the dense model's parameters) and freeze
-   what the method freezes;
-2. ``init_weights(model)`` after the model is materialised, initialised and
-   grown (so an init may read or compensate the base weights);
-3. ``optimizer_class(model)`` on the sharded model, when the optimizer is
-   built: ``None`` (torch AdamW) or ``(class, extra kwargs)`` for a method that
-   needs its own optimizer (SwitchLoRA's per-row step counts);
-4. ``lr_factor(step)`` inside the LR schedule (multiplies the base schedule;
-   ``step`` is the 0-based scheduler step, so keep it a pure function of it);
-5. ``before_optimizer_step(ctx)`` just before every optimizer step (freezes);
-6. ``after_optimizer_step(ctx)`` after every optimizer step (resets, switches);
-7. ``merge(model)`` at the end of the stage: fold adapters into the base
-   weights exactly, leaving the function unchanged;
-8. ``state_dict()`` / ``load_state_dict()`` for counters and pools on resume.
+1. ``apply(model)`` on the meta-device model, before sharding;
+2. ``init_weights(model)`` after the model is materialised, initialised and grown;
+3. ``optimizer_class(model)`` when the optimizer is built;
+4. ``lr_factor(step)`` inside the LR schedule, ``step`` = the optimizer step about to be taken (1-based);
+5. ``before_optimizer_step(ctx)`` / ``after_optimizer_step(ctx)`` around every optimizer step
+   that is taken (neither runs on a step skipped for a non-finite loss);
+6. ``merge(model)`` at the end of the stage (before growth and export);
+7. ``state_dict()`` / ``load_state_dict()`` for counters and pools on resume.
+
+The trainer owns FSDP2 resharding: before every hook that reads or writes
+weights (``init_weights``, the optimizer-step hooks, ``merge``, checkpoint
+saves) it returns the model to its sharded state, so a hook always sees each
+parameter as this rank's dim-0 shard (``distributed.local_tensor``) and never
+calls ``reshard`` itself.
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from steptitan.distributed import local_part, local_tensor
+from steptitan.schema import check_options
 
 
 @dataclass
 class StepContext:
-    step: int  # optimizer steps completed in this stage (1 after the first step)
+    step: int  # the optimizer step being taken in this stage, 1-based (1 for the first)
     model: nn.Module
     optimizer: Any  # torchtitan OptimizersContainer
     seed: int
     total_steps: int = 0  # the stage's step budget (0 = unknown)
 
 
-class PeftMethod:
-    """Base class for PEFT plugins. Subclasses set ``Options`` and override what they need."""
+@dataclass
+class NoOptions:
+    """Options of a method that has none."""
 
-    Options: ClassVar[type]
+
+class PeftMethod:
+    """Base class for PEFT plugins: override what the method needs; every default is a no-op.
+
+    A method whose ``apply`` adds parameters must override ``merge`` (``build_plan``
+    refuses it otherwise: what its parameters learned would be lost at the next
+    growth and in the export).
+    """
+
+    Options: ClassVar[type] = NoOptions
     description: ClassVar[str] = ""
     registry_name: ClassVar[str]
 
-    def __init__(self, options, layers: list[int], seed: int = 0):
-        self.options = options
-        self.layers = list(layers)
+    def __init__(self, options=None, layers: list[int] | None = None, seed: int = 0):
+        self.options = options if options is not None else self.Options()
+        # Options built in code meet the same declared choices and ranges as a recipe's (steptitan/schema.py).
+        errors = check_options(self.options, getattr(self, "registry_name", type(self).__name__))
+        if errors:
+            raise ValueError("; ".join(errors))
+        self.layers = list(layers or [])
         self.seed = seed
 
     def apply(self, model: nn.Module) -> None:
-        pass
+        """On the meta model, before sharding: add adapter parameters/modules (never renaming the
+        dense model's parameters) and freeze what the method freezes. Raise ValueError for a
+        model the method cannot adapt (it becomes a RecipeError)."""
+
+    def modules(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """(qualified name, module) of the adapted modules this method owns on its layers, in
+        module order (the same on every rank); empty for methods that own none."""
+        return []
 
     def init_weights(self, model: nn.Module) -> None:
-        pass
+        """Draw the adapters' values on the sharded, initialised and grown model (an init may read
+        or compensate the base weights). Use ``distributed.init_like`` with a
+        ``distributed.seeded_generator`` so the values do not depend on the world size."""
 
     def optimizer_class(self, model: nn.Module) -> tuple[type, dict[str, Any]] | None:
+        """``None`` (torch AdamW) or ``(class, extra kwargs)`` for a method that needs its own
+        AdamW variant (SwitchLoRA's per-row step counts)."""
         return None
 
     def lr_factor(self, step: int) -> float:
+        """Multiplier of the stage's LR schedule for optimizer step ``step`` (1-based, the step
+        about to be taken, like ``StepContext.step``). Keep it a pure function of ``step``."""
         return 1.0
 
     def before_optimizer_step(self, ctx: StepContext) -> None:
-        """``ctx.step`` is the step about to be taken (1 for the first)."""
+        """Just before optimizer step ``ctx.step`` (gradients are alive), e.g. saving frozen vectors."""
 
     def after_optimizer_step(self, ctx: StepContext) -> None:
-        pass
+        """Just after optimizer step ``ctx.step``, e.g. resets and switches."""
 
     def merge(self, model: nn.Module) -> None:
-        pass
+        """Fold the adapters into the dense weights, leaving the function unchanged, so that the
+        dense model alone carries what was learned (before growth and export)."""
 
     def extra_state_bytes(self) -> int:
         """Bytes this rank holds outside parameters/optimizer (e.g. candidate pools)."""
         return 0
 
+    def predicted_extra_state_bytes(self, model: nn.Module, world_size: int, rank: int) -> int:
+        """What ``extra_state_bytes`` will be on ``rank``, from the (meta) model's shapes (memory model)."""
+        return 0
+
     def state_dict(self) -> dict[str, Any]:
+        """Counters and pools to save in a checkpoint (tensors or plain values)."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
+        """Restore ``state_dict()``'s output on resume (``{}`` for a checkpoint without it)."""
+
+
+def overrides(method: PeftMethod, hook: str) -> bool:
+    """True when ``method``'s class overrides ``PeftMethod.<hook>``."""
+    return getattr(type(method), hook) is not getattr(PeftMethod, hook)
 
 
 def target_linears(model: nn.Module, layers: list[int], patterns: list[str]) -> list[tuple[str, nn.Module, str, nn.Linear]]:
@@ -112,22 +148,3 @@ def optimizer_state(optimizer: Any, param: torch.Tensor) -> dict[str, Any]:
         if param in opt.state:
             return opt.state[param]
     return {}
-
-
-def seeded_generator(seed: int, *keys: object) -> torch.Generator:
-    """A CPU generator seeded from (seed, keys): identical on every rank, any world size."""
-    digest = hashlib.sha256(repr((seed,) + keys).encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
-
-
-@torch.no_grad()
-def init_like(param: torch.Tensor, init: Callable[[torch.Tensor, torch.Generator], None], gen: torch.Generator) -> None:
-    """Initialise a (possibly sharded) parameter from a full tensor drawn on every rank.
-
-    Drawing the full tensor with a shared generator makes the result the same
-    for every world size (adapters are small, so this costs little).
-    """
-    full = torch.empty(param.shape, dtype=torch.float32)
-    init(full, gen)
-    local = local_tensor(param)
-    local.copy_(local_part(full.to(local.device), param))

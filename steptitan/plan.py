@@ -15,9 +15,10 @@ from torch import nn
 
 from steptitan.growth import GrowthOperator, LayerSource
 from steptitan.model import ModelShape, base_param_names, build_model, count_params, layer_group_of, shape_from_config
-from steptitan.peft import PeftMethod
-from steptitan.recipe import Recipe, RecipeError, options_from_dict
-from steptitan.registry import GROWTH, PEFT, UnknownPluginError
+from steptitan.optim import OptimizerPlugin, check_stage_optimizers, legacy_assignment, resolve_assignment
+from steptitan.peft import PeftMethod, overrides
+from steptitan.recipe import Recipe, RecipeError, StageConfig
+from steptitan.schema import plugin_field, resolve_plugin
 
 
 @dataclass
@@ -34,7 +35,7 @@ class StagePlan:
     freeze: list[str]
     trainable_params: int = 0
     frozen_params: int = 0
-    extras: dict[str, Any] = field(default_factory=dict)
+    optim: dict[str, OptimizerPlugin] = field(default_factory=dict)  # group -> optimizer plugin (docs/optimizers.md)
 
     @property
     def old_layers(self) -> set[int]:
@@ -49,13 +50,31 @@ class StagePlan:
             return list(range(self.shape.n_layers))
         return sorted(self.old_layers if group == "old" else self.new_layers)
 
+    def param_group(self, name: str) -> str:
+        """The optimizer group of a parameter name: old, new, embeddings, head, or adapters (non-dense)."""
+        if name not in self._base_names():
+            return "adapters"
+        return layer_group_of(name, self.old_layers)
+
+    def _base_names(self) -> set[str]:
+        if getattr(self, "_base_cache", None) is None:
+            self._base_cache = base_param_names(self.shape)
+        return self._base_cache
+
     def build(self) -> nn.Module:
         """This stage's model on meta: dense model + PEFT modules + freezing."""
+        return self.build_traced()[0]
+
+    def build_traced(self) -> tuple[nn.Module, list[list[str]]]:
+        """``build()``, and per PEFT method the names of the parameters its ``apply`` added."""
         model = build_model(self.shape)
+        added = []
         for method in self.peft:
+            before = {n for n, _ in model.named_parameters()}
             method.apply(model)
+            added.append(sorted({n for n, _ in model.named_parameters()} - before))
         apply_freeze(model, self.freeze, self.old_layers, base_param_names(self.shape))
-        return model
+        return model, added
 
 
 def apply_freeze(model: nn.Module, groups: list[str], old_layers: set[int], base_names: set[str]) -> None:
@@ -102,16 +121,10 @@ def check_shape(shape: ModelShape, where: str) -> None:
         raise RecipeError(f"{where}: invalid model shape: " + "; ".join(errors))
 
 
-def _plugin_options(registry, spec: dict[str, Any], key: str, where: str, reserved: tuple[str, ...]):
-    name = spec[key]
-    if not isinstance(name, str):  # a list/table here would reach the registry's dict lookup
-        raise RecipeError(f"{where}.{key}: expected a plugin name (a string), got {name!r}")
-    try:
-        cls = registry.get(name)
-    except UnknownPluginError as exc:
-        raise RecipeError(f"{where}.{key}: {exc}") from None
-    opts = {k: v for k, v in spec.items() if k not in reserved}
-    return cls, options_from_dict(cls.Options, opts, where)
+def _plugin_options(spec: dict[str, Any], table: str, where: str) -> tuple[type, Any]:
+    """(plugin class, its Options) for a stage's ``table`` (growth / peft / extra_peft), checked by the
+    same schema code and field declaration (StageConfig) that recipe_from_dict uses."""
+    return resolve_plugin(spec, plugin_field(StageConfig, table), where)
 
 
 def build_plan(recipe: Recipe) -> list[StagePlan]:
@@ -121,7 +134,7 @@ def build_plan(recipe: Recipe) -> list[StagePlan]:
         where = f"stages.{i}"
         growth = None
         if stage.growth:
-            cls, opts = _plugin_options(GROWTH, stage.growth, "name", f"{where}.growth", ("name",))
+            cls, opts = _plugin_options(stage.growth, "growth", f"{where}.growth")
             try:
                 growth = cls(opts)
                 new_shape = growth.target_shape(shape)
@@ -164,19 +177,26 @@ def build_plan(recipe: Recipe) -> list[StagePlan]:
             (f"extra_peft.{k}", s) for k, s in enumerate(stage.extra_peft)
         ]
         for key, spec in specs:
-            cls, opts = _plugin_options(PEFT, spec, "method", f"{where}.{key}", ("method", "layers"))
+            cls, opts = _plugin_options(spec, "peft", f"{where}.{key}")
             layers = plan.layers_in(spec.get("layers", "all"))
             try:
                 plan.peft.append(cls(opts, layers, seed=recipe.training.seed + 1000 * i))
             except ValueError as exc:
                 raise RecipeError(f"{where}.{key}: {exc}") from None
-            if recipe.training.optimizer == "galore" and cls.optimizer_class is not PeftMethod.optimizer_class:
-                raise RecipeError(f"{where}.{key}: {spec['method']!r} brings its own optimizer, which "
-                                  f"training.optimizer = \"galore\" would replace; use one or the other")
         try:
-            model = plan.build()
+            model, added = plan.build_traced()
         except ValueError as exc:
             raise RecipeError(f"{where}: {exc}") from None
+        for (key, spec), method, names in zip(specs, plan.peft, added):
+            if names and not overrides(method, "merge"):
+                raise RecipeError(
+                    f"{where}.{key}: PEFT method {spec['method']!r} ({type(method).__module__}.{type(method).__qualname__}) "
+                    f"adds parameters ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}) but does not override "
+                    f"merge(model), so what they learn would be lost at the next growth and in the export; the plugin "
+                    f"must implement merge to fold them into the dense weights (docs/peft.md, \"A PEFT plugin must\")")
+        plan.optim = resolve_assignment([(legacy_assignment(recipe.training), "training.optimizer"),
+                                         (recipe.training.optim, "training.optim"), (stage.optim, f"{where}.optim")], shape)
+        check_stage_optimizers(plan.optim, model, plan.param_group, plan.peft, recipe.checkpoint.enabled, where)
         plan.trainable_params, plan.frozen_params = count_params(model)
         if plan.trainable_params == 0:
             raise RecipeError(f"{where}: nothing is trainable (every group frozen and no adapter)")
@@ -199,6 +219,9 @@ def plan_fingerprint(plans: list[StagePlan]) -> str:
         "growth": describe(p.growth) if p.growth is not None else None,
         "peft": [{**describe(m), "layers": m.layers} for m in p.peft],
         "freeze": sorted(p.freeze),
+        # only when not all AdamW, so checkpoints of runs from before optimizer plugins still resume
+        **({"optim": {g: describe(o) for g, o in sorted(p.optim.items())}}
+           if any(o.registry_name != "adamw" for o in p.optim.values()) else {}),
     } for p in plans]
     return hashlib.sha256(json.dumps(stages, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -209,12 +232,14 @@ def format_plan(plans: list[StagePlan]) -> str:
         growth = "-"
         if p.growth is not None:
             growth = p.growth.registry_name + (" (exact)" if p.growth.is_exact(plans[p.index - 1].shape) else "")
-        peft = ", ".join(f"{m.registry_name}[{len(m.layers)}L]" for m in p.peft) or "-"
+        peft = ", ".join(f"{m.registry_name}[{m.label() if hasattr(m, 'label') else f'{len(m.layers)}L'}]" for m in p.peft) or "-"
         rows.append(
-            f"{p.name:<14}{p.shape.n_layers:>7}{p.shape.dim:>6}{p.steps:>7}  {growth:<34}{peft:<24}"
+            f"{p.name:<14}{p.shape.n_layers:>7}{p.shape.dim:>6}{p.steps:>7}  {growth:<34}{peft:<23} "
             f"{','.join(p.freeze) or '-':<18}{p.trainable_params:>12,}{p.frozen_params:>12,}"
         )
         new = sorted(p.new_layers)
         if p.index > 0 and new:
             rows.append(f"{'':<14}new layers: {new}")
+        if any(o.registry_name != "adamw" for o in p.optim.values()):
+            rows.append(f"{'':<14}optimizers: " + ", ".join(f"{g} {o.registry_name}" for g, o in p.optim.items()))
     return "\n".join(rows)

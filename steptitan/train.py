@@ -14,7 +14,7 @@ import os
 import sys
 from typing import Sequence
 
-from steptitan.data import DataError, num_blocks, prepare_data
+from steptitan.data import DataError, check_data_fits, prepare_data
 from steptitan.distributed import env_world_size
 from steptitan.plan import StagePlan, build_plan, format_plan
 from steptitan.recipe import Recipe, RecipeError, load_recipe, to_dict
@@ -24,7 +24,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="steptitan train",
         description="Run a steptitan recipe. Trailing key=value pairs override recipe keys "
-        "(OmegaConf dot-list: training.steps=40 stages.1.peft.rank=16).",
+        "(OmegaConf dot-list: training.seq_len=64 stages.1.peft.rank=16).",
     )
     parser.add_argument("recipe", help="path to a TOML recipe")
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
@@ -32,25 +32,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--world-size", type=int, default=None,
                         help="ranks to predict memory for in --dry-run (default: torchrun's WORLD_SIZE, else 1)")
     return parser.parse_intermixed_args(argv)  # options may come after key=value overrides and vice versa
-
-
-def check_data_fits(recipe: Recipe, train_tokens: int, val_tokens: int) -> None:
-    """seq_len and batch must be fillable from the prepared token files."""
-    t = recipe.training
-    world = env_world_size()
-    for split, n_tokens in (("training", train_tokens), ("validation", val_tokens)):
-        blocks = num_blocks(n_tokens, t.seq_len)
-        if blocks == 0:
-            raise RecipeError(
-                f"training.seq_len={t.seq_len} is larger than the {split} data can fill "
-                f"({n_tokens:,} tokens make no block of {t.seq_len + 1}); lower seq_len or add text"
-            )
-    blocks = num_blocks(train_tokens, t.seq_len)
-    if blocks < world * t.batch_size:
-        raise RecipeError(
-            f"the training data makes {blocks} blocks of seq_len={t.seq_len}, fewer than one step needs "
-            f"({world} ranks x batch_size {t.batch_size}); lower seq_len or batch_size, or add text"
-        )
 
 
 def resolve(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, Recipe, list[StagePlan]]:
@@ -63,9 +44,10 @@ def resolve(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, Reci
 # Process exit codes (docs/reliability.md).
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2  # recipe, data or output-folder problem, found before any process group starts
-EXIT_TRAINING = 3  # training stopped on purpose (a non-finite loss); the last good checkpoint is kept
+EXIT_TRAINING = 3  # training stopped on purpose (a non-finite loss, a full disk); the last good checkpoint is kept
 EXIT_PEER_FAILED = 4  # another rank died or hung (watchdog) or a collective failed
-# 1 = an unexpected error (Python traceback)
+# 1 = an unexpected error (Python traceback); 5 = preempted (SIGTERM, checkpoint saved) and
+# 130 = interrupted (Ctrl-C / SystemExit, no save): steptitan/stopping.py
 
 
 def format_predicted_memory(recipe: Recipe, plans: list[StagePlan], world_size: int) -> str:
@@ -84,8 +66,50 @@ def format_predicted_memory(recipe: Recipe, plans: list[StagePlan], world_size: 
     return "\n".join(rows)
 
 
+def machine_memory_bytes() -> tuple[int, str]:
+    """(bytes, what) one rank may use at most: the GPU's memory, else this host's RAM (/proc/meminfo)."""
+    import torch
+
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", "0")))
+        return props.total_memory, f"GPU {props.name} has {props.total_memory / 2**30:.1f} GiB"
+    try:
+        kib = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemTotal:"))
+        total = kib * 1024
+    except (OSError, StopIteration, ValueError):
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # ranks on this host share its RAM
+    share = f", shared by {local} ranks on this host" if local > 1 else ""
+    return total // local, f"this machine has {total / 2**30:.1f} GiB RAM{share}"
+
+
+def check_memory_fits(recipe: Recipe, plans: list[StagePlan]) -> None:
+    """Refuse, before anything is allocated, a stage whose predicted per-rank memory exceeds the machine's.
+
+    Uses the planner's model (steptitan/memory.py: model states exact, activations
+    estimated), so e.g. ``model.dim=1048576`` or a LoRA rank of 100000 is one
+    clear message instead of minutes of swapping or an OOM kill.
+    """
+    from steptitan.memory import predict_recipe
+    from steptitan.metrics import fmt_bytes
+
+    limit, what = machine_memory_bytes()
+    for stage in predict_recipe(recipe, plans, env_world_size()):
+        if stage.peak_total > limit:
+            raise RecipeError(
+                f"stage {stage.index} ({stage.name}) needs about {fmt_bytes(stage.peak_total)} per rank "
+                f"(model states {fmt_bytes(stage.peak_model_states)} + activations {fmt_bytes(stage.activations)}; "
+                f"{stage.trainable_params:,} trainable / {stage.frozen_params:,} frozen parameters) but {what}; "
+                f"shrink the model (model.dim, n_layers, a PEFT rank), the batch, or use more ranks "
+                f"(see `steptitan train RECIPE --dry-run`)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from steptitan import rundir, stopping
+    from steptitan.checkpoint import DiskSpaceError
+
     rank = int(os.environ.get("RANK", "0"))
+    stopping.install_sigterm_handler()  # SIGTERM before the process group: exit at once, code 5
     try:
         args, recipe, plans = resolve(argv)
         if args.dry_run:
@@ -94,18 +118,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(format_plan(plans))
                 print(format_predicted_memory(recipe, plans, args.world_size or env_world_size()))
             return 0
+        finished = rundir.finished_message(recipe)  # every rank: torchrun does not stop peers of a rank exiting 0
+        if finished:
+            if rank == 0:
+                print(f"steptitan: {finished}", file=sys.stderr)
+            return EXIT_OK
+        check_memory_fits(recipe, plans)
+        run_lock = rundir.prepare_run_dir(recipe, plans) if rank == 0 else None  # held until this process exits
         data = prepare_data(recipe.data, recipe.model.vocab_size)
         check_data_fits(recipe, len(data.tokens("train")), len(data.tokens("val")))
-        from steptitan.trainer import prepare_run_dir
-
-        if rank == 0:
-            prepare_run_dir(recipe, plans)
-            # The resolved recipe beside the checkpoints: tools/export_hf.py and
-            # tools/sweep.py rebuild a run's model from it, even for a dead run.
-            (recipe.run_dir / "recipe.json").write_text(json.dumps(to_dict(recipe), indent=1))
     except (RecipeError, DataError, FileExistsError) as exc:
         print(f"steptitan: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("steptitan: interrupted (Ctrl-C) before training started; nothing was written", file=sys.stderr)
+        return stopping.EXIT_INTERRUPTED
 
     # Heavy imports and the process group only after everything is validated.
     from steptitan.distributed import init_distributed, shutdown_distributed
@@ -121,11 +148,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     from steptitan.watchdog import start_watchdog
 
     watchdog = start_watchdog(env.rank, env.world_size, recipe.training.heartbeat_timeout_s)
-    status = "done"
+    stopping.defer_sigterm()  # from now on SIGTERM = save at the next step boundary, then exit 5
+    status = "done"  # "done" = every rank leaves together (shutdown barrier); "failed:..." = alone, peers told
+    trainer = None
     try:
-        Trainer(recipe, plans, data, env).run()
+        trainer = Trainer(recipe, plans, data, env)
+        trainer.run()
+        if env.is_main:
+            rundir.mark_finished(recipe.run_dir)  # after summary.json: a re-run now says "already finished"
     except TrainingError as exc:  # every rank sees the same all-reduced loss and stops together
         print(f"steptitan: error on rank {env.rank}: {exc}", file=sys.stderr)
+        return EXIT_TRAINING
+    except stopping.Preempted as exc:  # every rank saw the all-reduced SIGTERM flag and saved together
+        if env.is_main:
+            print(f"steptitan: preempted (SIGTERM): {exc}; exit code {stopping.EXIT_PREEMPTED}", file=sys.stderr)
+        return stopping.EXIT_PREEMPTED
+    except (KeyboardInterrupt, SystemExit) as exc:  # not a clean finish: leave alone, peers learn it by heartbeat
+        status = f"failed:interrupted ({type(exc).__name__})"
+        print(stopping.interrupted_message(env.rank, exc, getattr(trainer, "position", None), recipe.run_dir),
+              file=sys.stderr)
+        return stopping.EXIT_INTERRUPTED
+    except DiskSpaceError as exc:  # maybe on this rank only: peers learn it through the heartbeat store
+        status = f"failed:{type(exc).__name__}: disk full"
+        print(f"steptitan: error on rank {env.rank}: {exc.strerror}", file=sys.stderr)
         return EXIT_TRAINING
     except Exception as exc:
         import torch.distributed as dist

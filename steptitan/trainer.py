@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -18,16 +18,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchtitan.components.lr_scheduler import LRSchedulersContainer, build_lr_schedulers
-from torchtitan.components.optimizer import OptimizersContainer
+from torchtitan.components.lr_scheduler import build_lr_schedulers
 from torchtitan.config.job_config import LRScheduler as LRSchedulerConfig
 from torchtitan.distributed.utils import clip_grad_norm_
 
 from steptitan.checkpoint import Checkpointer, CheckpointInfo, read_checkpoint
-from steptitan import faults
+from steptitan import faults, stopping
 from steptitan.data import BlockSampler, PreparedData
-from steptitan.distributed import DistEnv, all_gather_object, all_reduce_sum, shard_model
-from steptitan.growth import GrowthOperator, LayerSource
+from steptitan.distributed import DistEnv, all_gather_object, all_reduce_sum, reshard, shard_model
+from steptitan.growth import SameShape
 from steptitan.metrics import (
     MetricsLogger,
     cuda_peak_bytes,
@@ -37,9 +36,10 @@ from steptitan.metrics import (
     peak_rss_bytes,
     reset_peak_rss,
 )
-from steptitan.memory import cast_frozen_params, predict_stage, stage_flops_per_token
-from steptitan.optim import galore_optimizer_factory
-from steptitan.model import base_param_names, init_model_weights, params_by_group
+from steptitan.flops import stage_flops_per_token
+from steptitan.memory import predict_stage
+from steptitan.optim import OptimizerHParams, StageLRSchedulers, build_stage_optimizers, resolve_assignment
+from steptitan.model import base_param_names, cast_frozen_params, init_model_weights, params_by_group
 from steptitan.peft import StepContext
 from steptitan.plan import StagePlan, plan_fingerprint
 from steptitan.recipe import Recipe, to_dict
@@ -66,6 +66,7 @@ class Trainer:
         self.global_step = 0  # optimizer steps over all stages (TensorBoard x-axis)
         self.skipped_steps = 0  # steps whose update was dropped for a non-finite loss (training.skip_nonfinite)
         self.last_step_skipped = False
+        self.step_lr = 0.0  # the LR the last optimizer step used (logged as "lr")
         self.stage_summaries: list[dict[str, Any]] = []
         self.stage_peak_memory: dict[str, int] = {}  # breakdown at this stage's largest model-state step
         self.stage_losses: list[float] = []  # per-step training loss of the current stage
@@ -93,6 +94,8 @@ class Trainer:
                 model = self.build_stage_model(plan, grow_from=old_model, prev=prev)
                 self.build_optimizer(plan, model)
                 if plan.growth is not None and prev is not None:  # Adam moments across growth, per the operator's policy
+                    reshard(old_model)
+                    reshard(model)
                     plan.growth.carry_optimizer_state(old_model, old_optimizer, model, self.optimizer, prev.shape)
                 del old_model, old_optimizer
                 start_step = 0
@@ -109,7 +112,10 @@ class Trainer:
         mode = self.recipe.checkpoint.resume
         if mode == "never":
             return None
-        info = self.checkpointer.latest() if mode == "auto" else read_checkpoint(Path(mode))
+        if mode == "auto":  # a damaged newest checkpoint is skipped, saying why (checkpoint_problem)
+            info = self.checkpointer.latest_intact(warn=log.warning if self.env.is_main else None)
+        else:
+            info = read_checkpoint(Path(os.path.expanduser(mode)))  # validated before the process group (rundir.py)
         if info is not None:
             log.info(f"resuming from {info.path} (stage {info.stage}, step {info.step})")
         return info
@@ -123,50 +129,47 @@ class Trainer:
         shard_model(model, self.env.mesh, DTYPES[self.cfg.dtype], torch.float32, self.cfg.activation_checkpointing)
         model.to_empty(device=self.env.device)
         torch.manual_seed(self.cfg.seed + plan.index)
-        with torch.no_grad():
-            init_model_weights(model)
+        init_model_weights(model, plan.shape, seed=self.cfg.seed + plan.index)  # same weights at any world size
         if grow_from is not None and prev is not None:
+            reshard(grow_from)  # plugins read and write local shards; FSDP2 leaves the root unsharded after forward
             for method in prev.peft:  # fold the previous stage's adapters into its weights first
                 method.merge(grow_from)
             if prev.growth is not None:  # and whatever the previous growth put on it (an MSG mask)
                 prev.growth.merge(grow_from)
             t = time.perf_counter()
-            grower = plan.growth or _SameShape()
+            grower = plan.growth or SameShape()
+            reshard(model)
             grower.grow(grow_from, model, prev.shape)
             log.info(f"grew {prev.shape.n_layers} -> {plan.shape.n_layers} layers with "
                      f"{getattr(grower, 'registry_name', 'copy')} in {time.perf_counter() - t:.2f}s")
         if plan.growth is not None and prev is not None:  # grown or resumed: e.g. an MSG mask on the new blocks
             plan.growth.attach(model, prev.shape)
+        reshard(model)
         with torch.no_grad():  # after growth: an adapter init may compensate the grown base weights (docs/peft.md)
             for method in plan.peft:
                 method.init_weights(model)
         return model
 
     def build_optimizer(self, plan: StagePlan, model: nn.Module) -> None:
-        """AdamW over trainable parameters only, with the stage's LR schedule."""
-        kwargs = {"lr": plan.lr, "betas": (self.cfg.beta1, self.cfg.beta2), "eps": self.cfg.eps,
-                  "weight_decay": self.cfg.weight_decay, "foreach": True}
-        optimizer_cls = torch.optim.AdamW
+        """The stage's optimizers (one per plugin its groups are assigned, docs/optimizers.md) over
+        trainable parameters only, run as one ``StageOptimizers``, with the stage's LR schedule."""
+        hparams = OptimizerHParams(plan.lr, (self.cfg.beta1, self.cfg.beta2), self.cfg.eps, self.cfg.weight_decay)
+        peft_choice = None
         for method in plan.peft:  # a method may need its own AdamW (SwitchLoRA: per-row step counts)
-            choice = method.optimizer_class(model)
-            if choice is not None:
-                optimizer_cls, extra = choice
-                kwargs.update(extra)
-        if self.cfg.optimizer == "galore":  # galore-torch's GaLoreAdamW (optional extra "galore"; memory.py)
-            optimizer_cls = galore_optimizer_factory(model, self.cfg.galore)
-            kwargs.pop("foreach")
-        self.optimizer = OptimizersContainer([model], optimizer_cls, kwargs)
+            peft_choice = method.optimizer_class(model) or peft_choice
+        plugins = plan.optim or resolve_assignment([], plan.shape)
+        self.optimizer = build_stage_optimizers(model, plugins, plan.param_group, hparams, peft_choice)
         sched_cfg = LRSchedulerConfig(warmup_steps=min(plan.warmup_steps, plan.steps), decay_type=self.cfg.decay_type,
                                       min_lr_factor=self.cfg.min_lr_factor)
         base_lambda = build_lr_schedulers(self.optimizer, sched_cfg, plan.steps).schedulers[0].lr_lambdas[0]
 
         def lr_lambda(step: int) -> float:  # PEFT methods may reshape it (ReLoRA's jagged restarts)
             factor = base_lambda(step)
-            for method in plan.peft:
-                factor *= method.lr_factor(step)
+            for method in plan.peft:  # scheduler step ``step`` serves optimizer step step + 1 (1-based, as ctx.step)
+                factor *= method.lr_factor(step + 1)
             return factor
 
-        self.lr_schedulers = LRSchedulersContainer(self.optimizer, lr_lambda)
+        self.lr_schedulers = StageLRSchedulers(self.optimizer, lr_lambda)  # one schedule for all optimizers
 
     # ------------------------------------------------------------------ training
 
@@ -177,6 +180,7 @@ class Trainer:
             self.stage_losses = []  # on resume they come from the checkpoint
         self.step_time, self.step_time_tokens = 0.0, 0  # steady-state throughput: steps after the first
         for step in range(start_step + 1, plan.steps + 1):
+            self.position = (plan.index, plan.name, step)  # for the Ctrl-C line (train.py)
             t = time.perf_counter()
             if plan.growth is not None:
                 plan.growth.set_step(step)  # e.g. the MSG mask's 0 -> 1 ramp
@@ -187,8 +191,6 @@ class Trainer:
             loss, grad_norm, memory = self.train_step(plan, model, trainable, step, measure_memory=measure)
             if memory.get("model_states", 0) >= self.stage_peak_memory.get("model_states", 0):
                 self.stage_peak_memory = memory
-            for method in plan.peft:
-                method.after_optimizer_step(StepContext(step, model, self.optimizer, self.cfg.seed, plan.steps))
             self.global_step += 1
             faults.log_loss(plan.index, step, self.global_step, loss, self.last_step_skipped, self.env.rank)
             self.stage_losses.append(loss)
@@ -203,8 +205,10 @@ class Trainer:
             if self.cfg.eval_interval and step % self.cfg.eval_interval == 0 and step != plan.steps:
                 self.evaluate(plan, model, step)
             interval = self.recipe.checkpoint.interval
-            if self.recipe.checkpoint.enabled and interval and step % interval == 0 and step != plan.steps:
+            saved = self.recipe.checkpoint.enabled and interval and step % interval == 0 and step != plan.steps
+            if saved:
                 self.save_checkpoint(plan, model, step)
+            self.stop_if_preempted(plan, model, step, saved)
             if step != plan.steps:  # the stage's last step pauses after its end-of-stage checkpoint (end_stage)
                 faults.pause_point("step", plan.index, step, self.env.rank)
         return tokens_done
@@ -235,11 +239,22 @@ class Trainer:
         if self.last_step_skipped:
             self.handle_nonfinite(plan, step, loss_avg, grad_norm)
         else:
-            for method in plan.peft:  # e.g. SwitchLoRA's counterpart freeze
-                method.before_optimizer_step(StepContext(step, model, self.optimizer, self.cfg.seed, plan.steps))
-            self.optimizer.step()
-        self.lr_schedulers.step()
+            self.optimizer_step(plan, model, step)
+        self.step_lr = self.lr_schedulers.schedulers[0].get_last_lr()[0]  # this step's LR, logged by log_step
+        self.lr_schedulers.step()  # from here get_last_lr() is the next step's LR
         return loss_avg, grad_norm, memory
+
+    def optimizer_step(self, plan: StagePlan, model: nn.Module, step: int) -> None:
+        """PEFT before-hooks -> optimizer step -> PEFT after-hooks: the stage's only optimizer step.
+
+        Not called for a skipped (non-finite) step, so no hook sees a step that was not taken."""
+        ctx = StepContext(step, model, self.optimizer, self.cfg.seed, plan.steps)
+        reshard(model)  # hooks read and write this rank's shards
+        for method in plan.peft:  # e.g. SwitchLoRA's counterpart freeze
+            method.before_optimizer_step(ctx)
+        self.optimizer.step()
+        for method in plan.peft:  # e.g. ReLoRA's merge and restart, SwitchLoRA's switches
+            method.after_optimizer_step(ctx)
 
     def handle_nonfinite(self, plan: StagePlan, step: int, loss: float, grad_norm: float) -> None:
         """Stop with a clear message, or drop this step's update (training.skip_nonfinite).
@@ -265,16 +280,23 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, plan: StagePlan, model: nn.Module, step: int) -> float:
-        """Mean validation loss over ``eval_batches`` per rank (0 = the whole split, exactly once)."""
+        """Mean validation loss over a fixed set of blocks, whatever the world size.
+
+        The set is the first ``eval_batches * batch_size`` blocks of the (unshuffled)
+        validation split, or the whole split for ``eval_batches = 0``; each block
+        counts once. Ranks take turns in batches of ``batch_size``; the last round's
+        surplus slots are padding (a repeated block, masked out), so every rank runs
+        the same number of forwards (FSDP2's collectives) and 1 and N ranks give the
+        same loss up to float summation order.
+        """
         model.eval()
         W, B, r = self.env.world_size, self.cfg.batch_size, self.env.rank
-        n_blocks = self.val_data.n_blocks
-        n_batches = self.cfg.eval_batches or math.ceil(n_blocks / (W * B))
+        n_eval = min(self.cfg.eval_batches * B, self.val_data.n_blocks) if self.cfg.eval_batches else self.val_data.n_blocks
         loss_sum = count = 0.0
-        for k in range(n_batches):
+        for k in range(math.ceil(n_eval / (W * B))):
             first = k * W * B + r * B
-            indices = [g % n_blocks for g in range(first, first + B)]
-            valid = torch.tensor([self.cfg.eval_batches > 0 or g < n_blocks for g in range(first, first + B)])
+            indices = [g % n_eval for g in range(first, first + B)]
+            valid = torch.tensor([g < n_eval for g in range(first, first + B)])
             blocks = torch.from_numpy(np.stack([self.val_data.block(i) for i in indices]))
             logits = model(blocks[:, :-1].to(self.env.device))
             losses = F.cross_entropy(logits.flatten(0, 1).float(), blocks[:, 1:].flatten().to(self.env.device),
@@ -325,7 +347,7 @@ class Trainer:
         self.stage_peak_memory = {}
 
     def log_step(self, plan: StagePlan, step: int, loss: float, grad_norm: float, tokens_per_s: float, memory: dict[str, int]) -> None:
-        lr = self.lr_schedulers.schedulers[0].get_last_lr()[0]
+        lr = self.step_lr  # the LR step ``step`` used (train_step reads it before the scheduler steps)
         rss = peak_rss_bytes()
         per_rank = all_gather_object({**memory, "peak_rss": rss})
         values = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s * 1.0, "stage": plan.index}
@@ -336,7 +358,22 @@ class Trainer:
         log.info(f"[stage {plan.index}] step {step:>5}/{plan.steps} | loss {loss:.4f} | lr {lr:.2e} | gnorm {grad_norm:.3f} "
                  f"| {tokens_per_s:,.0f} tok/s | model states {fmt_bytes(memory['model_states'])} | peak rss {fmt_bytes(rss)}")
 
+    def stop_if_preempted(self, plan: StagePlan, model: nn.Module, step: int, saved: bool) -> None:
+        """SIGTERM on any rank: every rank saves this step's checkpoint, then leaves (steptitan/stopping.py)."""
+        faults.step_boundary(plan.index, step, self.env.rank)
+        if not stopping.stop_requested(self.env.device):
+            return
+        if not self.recipe.checkpoint.enabled:
+            raise stopping.Preempted(f"at stage {plan.index} ({plan.name}), step {step}; checkpoint.enabled=false, "
+                                     f"so nothing was saved")
+        if not saved:
+            self.save_checkpoint(plan, model, step)
+        path = self.checkpointer.root / f"stage{plan.index:02d}-step{step:06d}"
+        raise stopping.Preempted(f"saved checkpoint {path} at stage {plan.index} ({plan.name}), step {step}; "
+                                 f"run the same command to resume from it")
+
     def save_checkpoint(self, plan: StagePlan, model: nn.Module, step: int) -> None:
+        reshard(model)
         peft_state = {str(i): m.state_dict() for i, m in enumerate(plan.peft)}
         self.checkpointer.save(plan.index, step, model, self.optimizer, self.lr_schedulers,
                                self.trainer_state(), peft_state)
@@ -374,42 +411,3 @@ class Trainer:
             tmp.replace(self.run_dir / "summary.json")
             log.info(f"summary: final val loss {summary['final_val_loss']:.4f} -> {self.run_dir / 'summary.json'}")
         return summary
-
-
-class _SameShape(GrowthOperator):
-    """Carry every weight over unchanged (a stage with no growth operator)."""
-
-    registry_name = "copy"
-
-    def layer_sources(self, src):
-        return [LayerSource((j,), new=False) for j in range(src.n_layers)]
-
-    def is_exact(self) -> bool:
-        return True
-
-
-def prepare_run_dir(recipe: Recipe, plans: list[StagePlan]) -> None:
-    """Refuse to reuse another run's folder unless resuming (the same plan) or told to overwrite."""
-    run_dir = recipe.run_dir
-    if run_dir.exists() and any(run_dir.iterdir()):
-        has_ckpt = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
-        if recipe.overwrite:
-            shutil.rmtree(run_dir)
-        elif has_ckpt and recipe.checkpoint.resume == "auto":
-            from steptitan.checkpoint import list_checkpoints
-
-            found = list_checkpoints(run_dir / "checkpoints")
-            theirs = found[-1].meta.get("plan_fingerprint") if found else None
-            if theirs is not None and theirs != plan_fingerprint(plans):
-                raise FileExistsError(
-                    f"output folder {run_dir} holds checkpoints of a different stage plan (shapes, growth, PEFT or "
-                    f"freezing differ from this recipe's); resuming would load them into the wrong model. "
-                    f"Choose another name= / output_dir=, or pass overwrite=true")
-        elif not (has_ckpt and recipe.checkpoint.resume != "never"):
-            raise FileExistsError(
-                f"output folder {run_dir} already holds a run with no checkpoint to resume from; "
-                f"choose another name= / output_dir=, or pass overwrite=true"
-                if not has_ckpt else
-                f"output folder {run_dir} holds checkpoints but checkpoint.resume=never; pass overwrite=true to start afresh"
-            )
-    run_dir.mkdir(parents=True, exist_ok=True)

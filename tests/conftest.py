@@ -88,6 +88,16 @@ def run_torchrun(args: list[str], nproc: int = 2, timeout: float = 600, env: dic
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd or REPO)
 
 
+def dense(shape, seed: int) -> torch.nn.Module:
+    """A dense model of ``shape`` (a ``ModelShape``) on CPU, initialised by torchtitan's init after seeding."""
+    from steptitan.model import build_model, init_model_weights
+
+    torch.manual_seed(seed)
+    model = build_model(shape, device="cpu")
+    init_model_weights(model)
+    return model
+
+
 def write_dist_info(root: Path, name: str, version: str, entry_points: dict[str, str]) -> Path:
     """An installed-looking distribution's metadata: ``root/<name>-<version>.dist-info`` with
     METADATA and an entry_points.txt declaring ``entry_points`` in the steptitan plugin group.

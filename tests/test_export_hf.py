@@ -10,10 +10,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,15 +19,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import REPO, run_torchrun, wikitext_overrides
+from conftest import run_torchrun, wikitext_overrides
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
-spec = importlib.util.spec_from_file_location("steptitan_tools_export_hf", REPO / "tools" / "export_hf.py")
-export_hf = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = export_hf
-spec.loader.exec_module(export_hf)
+from steptitan import export as export_hf  # noqa: E402  (tools/export_hf.py is a wrapper over it)
 
 
 def hf_logits(folder: Path, tokens: torch.Tensor) -> torch.Tensor:

@@ -261,3 +261,38 @@ def test_the_base_recipe_is_valid_and_mutations_can_fail():
         assert validate(data, []) == "error", mutation
     assert validate(copy.deepcopy(BASE), ["training.lr=${oc.env:NOPE_NOT_SET}"]) == "error"
     assert validate(copy.deepcopy(BASE), ["stages.7.steps=3"]) == "error"
+
+
+# Independent mistakes, each with the one line it must produce (written out here, not derived from the schema).
+INDEPENDENT_ERRORS = {
+    "training.decay_type=cosin": "training.decay_type: must be one of linear, sqrt, cosine, got 'cosin' (did you mean 'cosine'?)",
+    "training.lr=0": "training.lr: must be > 0, got 0.0",
+    "training.seq_len=abc": "training.seq_len: expected an integer, got 'abc'",
+    "model.norm_eps=-1": "model.norm_eps: must be > 0, got -1.0",
+    "data.max_chars=-1": "data.max_chars: must be >= 0, got -1",
+    "checkpoint.interval=-1": "checkpoint.interval: must be >= 0, got -1",
+    "training.dimm=3": "training.dimm: unknown key; known keys: " + ", ".join(sorted(f.name for f in dataclasses.fields(TrainingConfig))),
+    "stages.0.steps=0": "stages.0.steps: must be > 0, got 0",
+    "stages.1.freeze=[olde]": "stages.1.freeze.0: unknown layer group 'olde' (did you mean 'old'?); must be one of old, new, embeddings, head",
+    "stages.1.peft.layers=older": "stages.1.peft.layers: must be one of old, new, all, got 'older' (did you mean 'old'?)",
+    "stages.1.peft.rank=0": "stages.1.peft: lora.rank must be > 0, got 0",
+    "stages.1.peft.init=x": "stages.1.peft: lora.init must be one of kaiming, gaussian, uniform, pissa, got 'x'",
+    "stages.1.growth.position=uper": "stages.1.growth: interpolate.position must be one of uniform, upper, lower, got 'uper' (did you mean 'upper'?)",
+    "stages.1.growth.zero_out=3": "stages.1.growth.zero_out: expected true/false, got 3",
+}
+
+
+@settings(max_examples=min(FUZZ_EXAMPLES, 200), deadline=datetime.timedelta(seconds=20))
+@given(st.sets(st.sampled_from(sorted(INDEPENDENT_ERRORS)), min_size=1))
+def test_every_mistake_of_a_recipe_is_reported_in_one_pass(mistakes):
+    """Any combination of mistakes, across sections and plugin tables, gives one RecipeError with
+    exactly one line per mistake -- no rounds, nothing hidden behind an earlier error."""
+    data = apply_overrides(copy.deepcopy(BASE), sorted(mistakes))
+    try:
+        recipe_from_dict(data)
+    except RecipeError as exc:
+        lines = str(exc).splitlines()
+    else:
+        raise AssertionError(f"{sorted(mistakes)} validated")
+    assert lines[0] == "invalid recipe:"
+    assert sorted(line.strip() for line in lines[1:]) == sorted(INDEPENDENT_ERRORS[m] for m in mistakes)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
-from steptitan.growth import carry_adam_state, dense_params
+from steptitan.growth import dense_params
 from steptitan.model import ModelShape, build_model, init_model_weights
 from steptitan.registry import GROWTH
 
@@ -297,6 +297,108 @@ def test_carry_optimizer_state(op_spec):
     # "fresh" (the default, STEP) carries nothing
     plain = make(name, **dict(opts, optimizer_state="fresh"))
     assert plain.carry_optimizer_state(small, opt_small, big, torch.optim.AdamW(big.parameters()), shape) == 0
+
+
+@pytest.mark.parametrize("opts, copied_only", [
+    # FFN 20 -> 30, cyclic: units 0..9 copied twice (C = 2), 10..19 once; w1/w3 rows copied, w2 columns split
+    (dict(ffn_hidden=30, mapping="cyclic"), {"feed_forward.w1.weight": (0, torch.arange(30) % 20),
+                                             "feed_forward.w3.weight": (0, torch.arange(30) % 20)}),
+    # d_model 16 -> 32, uniform (each unit twice in a row: exact); wo/w2 rows, norms, embedding columns copied
+    (dict(dim=32, mapping="uniform"), {"attention.wo.weight": (0, torch.arange(32) // 2),
+                                       "feed_forward.w2.weight": (0, torch.arange(32) // 2),
+                                       "attention_norm.weight": (0, torch.arange(32) // 2),
+                                       "ffn_norm.weight": (0, torch.arange(32) // 2),
+                                       "tok_embeddings.weight": (1, torch.arange(32) // 2),
+                                       "norm.weight": (0, torch.arange(32) // 2)}),
+])
+def test_width_growth_carried_moments_give_the_small_models_adamw_step(opts, copied_only):
+    """Independent of the operator's moment code: after growth with optimizer_state=copy, one real AdamW step on
+    the grown model moves every copied weight exactly as the small model's own step moved its source (Adam's
+    update m/sqrt(v) is invariant when the gradient of a C-fold copy is g/C, so exp_avg must be m/C and
+    exp_avg_sq v/C^2; v/C would scale the copied rows' step by 1/sqrt(C)). Split weights (a column divided
+    by C) are left out: Adam's step is not equivariant to that split whatever the moments are."""
+    shape = ModelShape(dim=16, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=32, ffn_hidden=20, max_seq_len=16)
+    lr = 1e-2
+    adamw = lambda params: torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), eps=1e-10, weight_decay=0.1)  # noqa: E731
+    op = make("bert2bert", optimizer_state="copy", **opts)
+    small = dense(shape, 0)
+    opt_small = adamw(small.parameters())
+    for step in range(3):  # moments with some history
+        one_step_grads(small, shape, step)
+        opt_small.step()
+    big = dense(op.target_shape(shape), 1)
+    op.grow(small, big, shape)
+    opt_big = adamw(big.parameters())
+    op.carry_optimizer_state(small, opt_small, big, opt_big, shape)
+    for model, opt in ((small, opt_small), (big, opt_big)):  # the same batch, one real step each
+        one_step_grads(model, shape, 3)
+        opt.step()
+    small_p, big_p = dict(small.named_parameters()), dict(big.named_parameters())
+    checked = set()
+    for name, p in big_p.items():
+        rest = name.split(".", 2)[2] if name.startswith("layers.") else name
+        if rest in copied_only:
+            checked.add(rest)
+            dim, index = copied_only[rest]
+            expected = small_p[name].index_select(dim, index)
+        elif all(rest not in spec for spec in ("feed_forward.w2.weight", "wq", "wk", "wv", "w1", "w3", "output")) \
+                and p.shape == small_p[name].shape:
+            expected = small_p[name]  # untouched by this growth: the very same step
+        else:
+            continue  # split along a grown axis
+        torch.testing.assert_close(p, expected, rtol=0, atol=1e-3 * lr, msg=name)
+    assert checked == set(copied_only)
+
+
+# Reference layouts from the definition (docs/growth.md, registry/growth/interpolate.py): the grown model's layers
+# as old-layer indices, "*" = a new copy. uniform: new layer k after old floor(k n_old / n_new); upper: after
+# each of the top n_new old layers; lower: after each of the bottom n_new.
+INTERPOLATE_LAYOUTS = [
+    ("uniform", 4, 0, "0 0* 1 1* 2 2* 3 3*"),  # n_new = 0: doubling
+    ("uniform", 3, 2, "0 0* 1 1* 2"),
+    ("uniform", 4, 3, "0 0* 1 1* 2 2* 3"),
+    ("uniform", 5, 2, "0 0* 1 2 2* 3 4"),
+    ("uniform", 5, 3, "0 0* 1 1* 2 3 3* 4"),
+    ("uniform", 3, 5, "0 0* 0* 1 1* 1* 2 2*"),
+    ("uniform", 2, 3, "0 0* 0* 1 1*"),
+    ("uniform", 1, 3, "0 0* 0* 0*"),
+    ("upper", 4, 1, "0 1 2 3 3*"),
+    ("upper", 5, 2, "0 1 2 3 3* 4 4*"),
+    ("upper", 3, 3, "0 0* 1 1* 2 2*"),
+    ("lower", 4, 1, "0 0* 1 2 3"),
+    ("lower", 5, 2, "0 0* 1 1* 2 3 4"),
+    ("lower", 5, 3, "0 0* 1 1* 2 2* 3 4"),
+]
+
+
+@pytest.mark.parametrize("position, n_old, n_new, layout", INTERPOLATE_LAYOUTS)
+def test_interpolate_positions_follow_the_definition(position, n_old, n_new, layout):
+    shape = ModelShape(dim=4, n_layers=n_old, n_heads=1, n_kv_heads=1, vocab_size=8, ffn_hidden=4, max_seq_len=8)
+    op = make("interpolate", position=position, n_new=n_new, init="copy")
+    expected = [(int(t.rstrip("*")), t.endswith("*")) for t in layout.split()]
+    assert [(s.sources[0], s.new) for s in op.layer_sources(shape)] == expected
+    small, big = grow(op, shape, n_old)
+    for j, (i, _) in enumerate(expected):  # and the grown weights follow it
+        for key, value in big.layers[str(j)].state_dict().items():
+            assert torch.equal(value, small.layers[str(i)].state_dict()[key]), (j, key)
+
+
+@pytest.mark.parametrize("position", ["uniform", "upper", "lower"])
+def test_interpolate_positions_match_the_formula_on_a_grid(position):
+    for n_old in range(1, 7):
+        for n_new in range(1, (9 if position == "uniform" else n_old + 1)):
+            if position == "uniform":
+                after = [k * n_old // n_new for k in range(n_new)]
+            elif position == "upper":
+                after = [n_old - n_new + k for k in range(n_new)]
+            else:
+                after = list(range(n_new))
+            expected = []
+            for i in range(n_old):
+                expected += [(i, False)] + [(i, True)] * after.count(i)
+            shape = ModelShape(dim=4, n_layers=n_old, n_heads=1, n_kv_heads=1, vocab_size=8, ffn_hidden=4)
+            op = make("interpolate", position=position, n_new=n_new, init="copy")
+            assert [(s.sources[0], s.new) for s in op.layer_sources(shape)] == expected, (n_old, n_new)
 
 
 # ----------------------------------------------------------------------------- growth + one training step

@@ -24,7 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from conftest import run_distributed
-from steptitan.distributed import full_tensor, local_part, local_tensor, shard_model
+from steptitan.distributed import full_tensor, local_part, local_tensor, reshard, shard_model
 from steptitan.growth import dense_params
 from steptitan.model import ModelShape, build_model, init_model_weights
 from test_growth import dense, exact_growth, make, shapes, width_options
@@ -108,6 +108,8 @@ def sharded_matches_single_process(env, cases) -> int:
             opt_big = torch.optim.AdamW(big.parameters(), lr=1e-3)
             opt_big_s = torch.optim.AdamW(big_s.parameters(), lr=1e-3)
         op_plain.grow(small, big, shape)
+        reshard(small_s)  # the trainer reshards both models before growth hooks
+        reshard(big_s)
         op_sharded.grow(small_s, big_s, shape)
         op_plain.attach(big, shape)
         op_sharded.attach(big_s, shape)
@@ -121,6 +123,8 @@ def sharded_matches_single_process(env, cases) -> int:
             torch.testing.assert_close(sharded, before, **tol)
         if carry:
             n = op_plain.carry_optimizer_state(small, opt_small, big, opt_big, shape)
+            reshard(small_s)
+            reshard(big_s)
             assert op_sharded.carry_optimizer_state(small_s, opt_small_s, big_s, opt_big_s, shape) == n > 0, where
             plain_params = dense_params(big, shape)
             for pname, p in dense_params(big_s, shape).items():
@@ -248,6 +252,7 @@ def depth_growth_is_shard_local(env) -> dict:
     small = sharded_copy(dense(shape, 0), shape, env)
     with torch.no_grad():
         small(torch.zeros(1, 8, dtype=torch.long))  # as after training: FSDP2 leaves the root unsharded
+    reshard(small)  # ... and the trainer reshards it before growing
     out = {"layer_bytes": layer_bytes}
     for label, name, opts in [("interpolate-copy", "interpolate", {}), ("interpolate-mean", "interpolate", {"init": "mean"}),
                               ("stack-zero", "stack", {"zero_out": True})]:

@@ -20,21 +20,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import run_distributed
-from steptitan.memory import (
-    PRECISIONS,
-    OptimizerSpec,
-    Precision,
-    activation_bytes,
-    compositions,
-    flops_per_token,
-    layer_inventory,
-    local_rows,
-    param_specs,
-    plan_splits,
-    predict_stage,
-    split_memory,
-    step_paper_bytes,
-)
+from steptitan.distributed import local_rows
+from steptitan.flops import activation_bytes, flops_per_token
+from steptitan.memory import PRECISIONS, Precision, param_specs, predict_stage, step_paper_bytes
+from steptitan.planner import compositions, layer_inventory, plan_splits, split_memory
 from steptitan.model import ModelShape, base_param_names, build_model, init_model_weights
 
 

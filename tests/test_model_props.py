@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from hypothesis import given, settings, strategies as st
 
-from steptitan.model import ModelShape, build_model, init_model_weights
+from conftest import dense
+from steptitan.model import ModelShape
 from steptitan.registry import GROWTH, PEFT
 
 
@@ -19,13 +20,6 @@ def shapes(draw, max_layers: int = 3) -> ModelShape:
         vocab_size=draw(st.integers(8, 64)), ffn_hidden=draw(st.integers(4, 48)),
         tie_embeddings=draw(st.booleans()), max_seq_len=16,
     )
-
-
-def dense(shape: ModelShape, seed: int) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    model = build_model(shape, device="cpu")
-    init_model_weights(model)
-    return model
 
 
 @settings(max_examples=40)

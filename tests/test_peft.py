@@ -11,7 +11,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from steptitan.model import ModelShape, build_model, init_model_weights
+from steptitan.distributed import reshard
+from steptitan.model import ModelShape
 from steptitan.optim import AdamWSliceSteps
 from steptitan.peft import StepContext, optimizer_state
 from steptitan.recipe import RecipeError, load_recipe
@@ -20,7 +21,7 @@ from steptitan.registry import PEFT
 from steptitan.registry.peft.lora import ALL_LINEARS, lora_modules
 from steptitan.registry.peft.refactor import refactor_lora_linear
 
-from conftest import REPO
+from conftest import REPO, dense
 
 ATOL, RTOL = 5e-5, 1e-5  # float32 tolerances on logits of order 1 for transforms that round (compensation, SVD)
 
@@ -35,13 +36,6 @@ def shapes(draw) -> ModelShape:
 
 
 TARGETS = st.sampled_from([list(ALL_LINEARS), ["wq", "wv"], ["feed_forward.*"]])
-
-
-def dense(shape: ModelShape, seed: int) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    model = build_model(shape, device="cpu")
-    init_model_weights(model)
-    return model
 
 
 def method(name: str, layers: list[int], seed: int = 0, **options):
@@ -80,6 +74,7 @@ def train_steps(model, opt, x, n: int, m=None, first_step: int = 1, total: int =
     for step in range(first_step, first_step + n):
         opt.zero_grad()
         model(x).logsumexp(-1).mean().backward()
+        reshard(model)  # the trainer reshards before the hooks (a no-op without FSDP2)
         if m is not None:
             m.before_optimizer_step(StepContext(step, model, opt, 0, total))
         opt.step()
@@ -181,7 +176,8 @@ def test_relora_reset_keeps_function_and_prunes_state(shape, seed, rank, mode, r
 @pytest.mark.parametrize("mode", ["magnitude", "random"])
 @pytest.mark.parametrize("ratio", [0.0, 0.5, 0.9, 0.99])
 def test_relora_pruned_fraction_matches_setting(mode, ratio):
-    """With distinct non-zero state values the pruned count is exactly floor(ratio * n), and magnitude pruning keeps the largest."""
+    """With distinct non-zero state values the pruned count is exactly floor(ratio * n), both moments are pruned at the
+    same entries (never m != 0 with v = 0: issue 11), and magnitude pruning keeps the largest |exp_avg|."""
     from steptitan.registry.peft.relora import reset_adapter_state
 
     g = torch.Generator().manual_seed(1)
@@ -189,18 +185,73 @@ def test_relora_pruned_fraction_matches_setting(mode, ratio):
              "step": torch.tensor(5.0)}
     orig = {k: v.clone() for k, v in state.items()}
     reset_adapter_state(state, mode, ratio, torch.Generator().manual_seed(2))
+    pruned = state["exp_avg"] == 0
+    assert int(pruned.sum()) == int(ratio * pruned.numel())
+    assert torch.equal(state["exp_avg_sq"] == 0, pruned)  # one mask for both moments
     for key in ("exp_avg", "exp_avg_sq"):
-        pruned = state[key] == 0
-        assert int(pruned.sum()) == int(ratio * pruned.numel())
         assert torch.equal(state[key][~pruned], orig[key][~pruned])  # survivors untouched
-        if mode == "magnitude" and pruned.any() and (~pruned).any():
-            assert orig[key][pruned].abs().max() < orig[key][~pruned].abs().min()
+    if mode == "magnitude" and pruned.any() and (~pruned).any():
+        assert orig["exp_avg"][pruned].abs().max() < orig["exp_avg"][~pruned].abs().min()
     assert state["step"].item() == 5
+
+
+def relora_run(mode: str, reset_interval: int = 8, steps: int = 19, rank: int = 8):
+    """relora.toml's stage-1 settings scaled down (alpha = 2 rank, lr 4e-3, prune 0.9, AdamW betas 0.9/0.95,
+    eps 1e-8) on a fixed next-token batch: per step (loss before the update, |A|_F after the step and reset)."""
+    shape = ModelShape(dim=16, n_layers=2, n_heads=2, n_kv_heads=2, vocab_size=32, ffn_hidden=24, max_seq_len=16)
+    model, m = adapted(shape, 0, "relora", rank=rank, alpha=2 * rank, reset_interval=reset_interval,
+                       optimizer_reset=mode, prune_ratio=0.9)
+    opt = torch.optim.AdamW(trainable(model), lr=4e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    seq = torch.randint(0, shape.vocab_size, (4, 9), generator=torch.Generator().manual_seed(0))
+    a_norm = lambda: sum(mod.lora_A.pow(2).sum() for _, mod in lora_modules(model)).sqrt().item()  # noqa: E731
+    losses, norms = {}, {}
+    for step in range(1, steps + 1):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(seq[:, :-1]).flatten(0, 1), seq[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        m.after_optimizer_step(StepContext(step, model, opt, 0, steps))
+        losses[step], norms[step] = loss.item(), a_norm()
+    return losses, norms
+
+
+@pytest.mark.parametrize("mode", ["magnitude", "random"])
+def test_relora_training_through_resets_stays_bounded(mode):
+    """Issue 11: pruning the moments with independent masks left entries with m != 0, v = 0; right after a
+    reset A's gradient is 0 (B = 0), so they stepped by lr m / eps and |A| exploded. Through two resets
+    |A|_F must stay within a small multiple of its fresh draw and the loss must not jump."""
+    n = 8
+    losses, norms = relora_run(mode, reset_interval=n)
+    for reset in (n, 2 * n):
+        for step in (reset + 1, reset + 2):  # the updates right after the reset
+            assert norms[step] <= 1.5 * norms[reset], (mode, reset, step, norms)
+        for step in (reset + 1, reset + 2, reset + 3):  # losses measured after those updates
+            assert losses[step] <= losses[reset] + 0.1, (mode, reset, step, losses)
+
+
+def test_relora_redraws_a_at_every_reset_and_the_total_update_exceeds_rank_r():
+    """A is a new draw at each of K resets (not a repeat of any earlier A), and the summed update
+    W_K - W_0 = s sum_k B_k A_k reaches rank > r: the point of restarting (Lialin et al., Sec. 3)."""
+    shape = ModelShape(dim=8, n_layers=1, n_heads=2, n_kv_heads=2, vocab_size=16, ffn_hidden=12, max_seq_len=16)
+    r, n, k = 1, 3, 4
+    model, m = adapted(shape, 0, "relora", rank=r, reset_interval=n, targets=["wq"], optimizer_reset="full")
+    _, mod = lora_modules(model)[0]
+    w0 = mod.weight.detach().clone()
+    opt = torch.optim.AdamW(trainable(model), lr=1e-2)
+    x = tokens(shape, 0)
+    draws = [mod.lora_A.detach().clone()]
+    for reset in range(1, k + 1):
+        train_steps(model, opt, x, n, m, first_step=(reset - 1) * n + 1)
+        draws.append(mod.lora_A.detach().clone())
+    for i in range(1, len(draws)):
+        assert all(not torch.allclose(draws[i], draws[j]) for j in range(i)), i
+    update = mod.weight.detach() - w0
+    assert torch.linalg.matrix_rank(update).item() > r
 
 
 def test_relora_jagged_schedule():
     m = method("relora", [0], reset_interval=10, restart_warmup_steps=4)
-    factors = [m.lr_factor(t) for t in range(25)]
+    factors = [m.lr_factor(t + 1) for t in range(25)]  # factors[k]: optimizer step k + 1 (lr_factor is 1-based)
     assert factors[:10] == [1.0] * 10  # before the first reset: the plain (warmup + cosine) schedule
     assert factors[10:15] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])  # optimizer steps 11..15 after the reset at 10
     assert factors[15:20] == [1.0] * 5 and factors[20] == pytest.approx(0.2)
@@ -272,6 +323,43 @@ def test_switchlora_counterpart_frozen_then_released():
     steps_a, steps_b = optimizer_state(opt, mod.lora_A)["step"], optimizer_state(opt, mod.lora_B)["step"]
     assert steps_b[0, 1].item() == 3 and steps_a[2].item() == 3  # 2 before the freeze, +1 now
     assert steps_b[0, 2].item() == 4 and steps_a[1].item() == 4  # reset at step 2, trained in steps 3..6
+
+
+def test_switchlora_scheduled_switches_never_pair_and_frozen_counterparts_hold():
+    """Through the trainer's hooks with several switches per step: row i of A and column i of B never switch in
+    the same step, and after A[i] (B[:, i]) switches at step s its counterpart B[:, i] (A[i]) is unchanged by
+    optimizer steps s+1 .. s+freeze_steps (SwitchLoRA, arXiv 2406.06564, method section)."""
+    shape = ModelShape(dim=8, n_layers=1, n_heads=2, n_kv_heads=2, vocab_size=16, ffn_hidden=12, max_seq_len=16)
+    freeze, steps = 3, 12
+    model, m = adapted(shape, 2, "switchlora", rank=6, interval0=3.0, descent_ratio=1e6, freeze_steps=freeze)
+    cls, kwargs = m.optimizer_class(model)
+    opt = cls(trainable(model), lr=1e-2, **kwargs)
+    switched = {}  # (step, name) -> {"A": rows, "B": cols}
+    before, after = {}, {}  # (step, name) -> (A, B) after step's update, before / after its switches
+    orig_rows, orig_cols = m.switch_rows, m.switch_cols
+
+    def switch_rows(name, module, rows, slots, optimizer, step):
+        before[(step, name)] = (module.lora_A.detach().clone(), module.lora_B.detach().clone())
+        switched[(step, name)] = {"A": rows.tolist()}
+        orig_rows(name, module, rows, slots, optimizer, step)
+
+    def switch_cols(name, module, cols, slots, optimizer, step):
+        switched[(step, name)]["B"] = cols.tolist()
+        orig_cols(name, module, cols, slots, optimizer, step)
+        after[(step, name)] = (module.lora_A.detach().clone(), module.lora_B.detach().clone())
+
+    m.switch_rows, m.switch_cols = switch_rows, switch_cols
+    train_steps(model, opt, tokens(shape, 2), steps, m, total=steps)
+    held = {"A": 0, "B": 0}
+    for (s, name), sw in switched.items():
+        assert not set(sw["A"]) & set(sw["B"]), (s, name, sw)
+        for kind, other in (("A", 1), ("B", 0)):  # A[i] switched -> B[:, i] frozen, and vice versa
+            for i in sw[kind]:
+                frozen = (lambda t: t[other][:, i]) if kind == "A" else (lambda t: t[other][i])  # noqa: E731
+                for t in range(s + 1, min(s + freeze, steps) + 1):
+                    assert torch.equal(frozen(before[(t, name)]), frozen(after[(s, name)])), (kind, i, s, t)
+                held[kind] += s + freeze <= steps
+    assert held["A"] > 0 and held["B"] > 0  # full freeze windows of both kinds were observed
 
 
 def test_switchlora_schedule_and_scheduled_switches_keep_function():
@@ -379,7 +467,8 @@ def test_momentum_reset_zeroes_moments_and_lr_recovers_on_its_ramp(scope):
     model, _ = adapted(shape, 0, rank=2, targets=["wq"])
     mr = method("momentum_reset", [0, 1], interval=6, recovery_steps=5, start_factor=0.001, scope=scope)
     opt = torch.optim.AdamW(trainable(model), lr=1.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, mr.lr_factor)  # the trainer multiplies this into its schedule
+    # the trainer multiplies this into its schedule; scheduler step s serves optimizer step s + 1
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: mr.lr_factor(s + 1))
     x = tokens(shape, 0)
     lrs = []
     for step in range(1, 13):

@@ -70,7 +70,7 @@ def _close(a, b):
 
 @torch.no_grad()
 def _randomize(model, seed):
-    from steptitan.peft import init_like
+    from steptitan.distributed import init_like
     from steptitan.registry.peft.lora import lora_modules
 
     g = torch.Generator().manual_seed(seed)
@@ -95,7 +95,7 @@ def _global_sum(value: float) -> float:
 
 
 def _transforms(env, seed: int, n_shapes: int):
-    from steptitan.distributed import full_tensor, reshard
+    from steptitan.distributed import full_tensor, gather_rows, reshard
     from steptitan.metrics import memory_breakdown
     from steptitan.peft import StepContext, optimizer_state
     from steptitan.registry.peft.lora import lora_modules
@@ -108,10 +108,12 @@ def _transforms(env, seed: int, n_shapes: int):
         for init in ("kaiming", "uniform", "pissa"):
             model, lora = _build(env, shape, "lora", s, rank=3, alpha=6.0, init=init)
             before = _out(model, x)
+            reshard(model)  # as the trainer does before every weight-touching hook
             lora.init_weights(model)
             _close(_out(model, x), before)
             _randomize(model, s)
             before = _out(model, x)
+            reshard(model)
             lora.merge(model)
             _close(_out(model, x), before)
             assert all(full_tensor(m.lora_B).abs().sum() == 0 for _, m in lora_modules(model))
@@ -135,6 +137,7 @@ def _transforms(env, seed: int, n_shapes: int):
         params = [p for _, m in lora_modules(model) for p in (m.lora_A, m.lora_B)]
         zeros_before = [_global_sum((optimizer_state(opt, p)["exp_avg"].to_local() == 0).sum()) for p in params]
         before = _out(model, x)
+        reshard(model)
         relora.after_optimizer_step(StepContext(2, model, opt, 0))
         _close(_out(model, x), before)
         for p, z in zip(params, zeros_before):
@@ -145,9 +148,9 @@ def _transforms(env, seed: int, n_shapes: int):
         # SwitchLoRA: row and column switches keep the function; state of switched vectors reset; counterpart frozen.
         model, sw = _build(env, shape, "switchlora", s, rank=4, interval0=1e12, freeze_steps=2)
         before = _out(model, x)
+        reshard(model)
         sw.init_weights(model)
         _close(_out(model, x), before)
-        from steptitan.registry.peft.switchlora import gather_rows
 
         first_name, first = lora_modules(model)[0]
         drawn = {"A": full_tensor(first.lora_A).clone(), "B": full_tensor(first.lora_B).clone(),
@@ -185,6 +188,7 @@ def _transforms(env, seed: int, n_shapes: int):
 
         refactor = PEFT.get("refactor")(PEFT.get("refactor").Options(interval=1), list(range(shape.n_layers)))
         before = _out(model, x)
+        reshard(model)
         refactor.after_optimizer_step(StepContext(1, model, None, 0))
         _close(_out(model, x), before)
         opt = torch.optim.AdamW(_trainable(model), lr=1e-3)

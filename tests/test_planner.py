@@ -6,17 +6,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from steptitan.memory import (
-    PRECISIONS,
-    OptimizerSpec,
-    largest_fitting,
-    layer_inventory,
-    plan_splits,
-    predict_recipe,
-    split_memory,
-)
+from steptitan.memory import PRECISIONS, OptimizerSpec, predict_recipe
 from steptitan.model import ModelShape
-from steptitan.planner import plan_cli
+from steptitan.planner import largest_fitting, layer_inventory, plan_cli, plan_splits
 from steptitan.plan import build_plan
 from steptitan.recipe import load_recipe
 

@@ -269,3 +269,78 @@ def test_nan_steps_are_skipped_up_to_the_budget(tmp_path, cache_dir):
     out = finish(over)
     assert over.returncode != 0
     assert "at stage 0 (small), step 4" in out and "already skipped 2 step(s)" in out, out[-3000:]
+
+
+# --------------------------------------------------------------------------- issue 12: stopping on purpose, damage
+
+
+def test_ctrl_c_on_one_rank_reaches_peers_and_prints_one_line(tmp_path, cache_dir):
+    """SIGINT to rank 1 only: it leaves at once (no shutdown barrier), not as a clean finish; rank 0 learns it by heartbeat."""
+    run_dir, hooks, out, elapsed = kill_at(cache_dir, tmp_path, "step:0:2", 1, signal.SIGINT,
+                                           "training.heartbeat_timeout_s=3")
+    newest = run_dir / "checkpoints" / "stage00-step000002"
+    line = (f"steptitan: interrupted (Ctrl-C / SIGINT) on rank 1 during stage 0 (small), step 2; "
+            f"newest checkpoint: {newest}; run the same command to resume from it")
+    assert out.count(line) == 1, out[-3000:]
+    assert "KeyboardInterrupt" not in out.replace("interrupted (KeyboardInterrupt)", ""), out[-3000:]
+    assert "exitcode  : 130" in out or "exitcode  : 4" in out, out[-3000:]  # not 0: not a clean finish
+    assert "rank 1 failed: interrupted (KeyboardInterrupt)" in out, out[-3000:]  # rank 0's watchdog names it
+    assert elapsed < 3 + 10, f"the job took {elapsed:.1f}s to stop after Ctrl-C on one rank"
+    print(f"Ctrl-C on rank 1: all processes gone {elapsed:.1f}s after SIGINT (heartbeat_timeout_s=3)")
+
+
+def test_system_exit_on_one_rank_is_not_a_clean_finish(tmp_path, cache_dir):
+    """A stray sys.exit(0) on rank 1 mid-stage: the job fails fast instead of hanging or reporting success."""
+    run_dir, hooks = tmp_path / "run", tmp_path / "hooks"
+    proc = launch(tiny_args(cache_dir, run_dir, "training.heartbeat_timeout_s=3"), hooks, STEPTITAN_EXIT_AT="0:2:1")
+    wait_for(hooks / "rank1.pid", proc)
+    t0 = time.monotonic()
+    out = finish(proc, timeout=90)
+    assert proc.returncode != 0, out[-3000:]
+    assert "interrupted (SystemExit(0)) on rank 1 during stage 0 (small), step 2" in out, out[-3000:]
+    assert not (run_dir / "summary.json").exists()
+    print(f"SystemExit on rank 1: job gone {time.monotonic() - t0:.1f}s after rank 1 started (6+4 steps)")
+
+
+def test_sigterm_to_torchrun_saves_at_next_step_then_resumes_bit_exactly(tmp_path, cache_dir, baseline):
+    """Preemption: SIGTERM to the torchrun agent (as a scheduler sends it). Every rank saves the step it is
+    at, exits with code 5; the same command resumes and reproduces the uninterrupted losses bit for bit."""
+    run_dir, hooks = tmp_path / "run", tmp_path / "hooks-killed"
+    proc = launch(tiny_args(cache_dir, run_dir, "checkpoint.interval=0"), hooks, STEPTITAN_STEP_DELAY="0.4")
+    log = hooks / "losses.jsonl"
+    deadline = time.monotonic() + 180
+    while not (log.exists() and len(log.read_text().splitlines()) >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, "the run did not reach step 2"
+        time.sleep(0.05)
+    pids = rank_pids(hooks)
+    t0 = time.monotonic()
+    os.kill(proc.pid, signal.SIGTERM)
+    out = finish(proc, timeout=60)
+    elapsed = time.monotonic() - t0
+    assert_nothing_left(pids)
+    done = losses(log)
+    assert max(done) < (0, STAGE0_STEPS), f"the run finished stage 0 before the signal: {sorted(done)}"
+    stage, step = max(done)
+    saved = run_dir / "checkpoints" / f"stage{stage:02d}-step{step:06d}"
+    assert [c.path for c in list_checkpoints(run_dir / "checkpoints")] == [saved], out[-3000:]
+    assert (saved / "extra-rank0.pt").is_file() and (saved / "extra-rank1.pt").is_file()
+    assert f"steptitan: preempted (SIGTERM): saved checkpoint {saved} at stage 0 (small), step {step}" in out, out[-3000:]
+    assert elapsed < 30, f"took {elapsed:.1f}s to save and exit after SIGTERM (torchrun SIGKILLs at 30 s)"
+    print(f"SIGTERM to torchrun: checkpoint of step {step} saved, all processes gone {elapsed:.1f}s later")
+    resume_and_compare(cache_dir, tmp_path, run_dir, hooks, baseline)
+
+
+def test_damaged_checkpoints_are_skipped_and_resume_falls_back(tmp_path, cache_dir, baseline):
+    """Truncated shard / missing extra-rank1.pt / meta.json of {}: each is skipped with its reason; the
+    resume loads the newest intact checkpoint and still reproduces the uninterrupted losses."""
+    run_dir, hooks, _, _ = kill_at(cache_dir, tmp_path, "step:0:4")
+    ckpt = run_dir / "checkpoints"
+    shard = sorted((ckpt / "stage00-step000004").glob("*.distcp"))[0]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    (ckpt / "stage00-step000003" / "extra-rank1.pt").unlink()
+    (ckpt / "stage00-step000002" / "meta.json").write_text("{}")
+    out = resume_and_compare(cache_dir, tmp_path, run_dir, hooks, baseline)
+    assert f"checkpoint {ckpt / 'stage00-step000004'} is damaged ({shard.name} has" in out, out[-3000:]
+    assert f"checkpoint {ckpt / 'stage00-step000003'} is damaged (extra-rank1.pt is missing)" in out
+    assert f"checkpoint {ckpt / 'stage00-step000002'} is damaged (meta.json lacks stage" in out
+    assert f"resuming from {ckpt / 'stage00-step000001'}" in out

@@ -1,9 +1,9 @@
-"""tools/sweep.py: sweep files, run names, launch commands, failures, and a real 2x2 sweep that is killed and resumed."""
+"""steptitan sweep (tools/sweep.py): sweep files, run names, resolved TOML recipes, launch commands, failures,
+relative paths, and a real 2x2 sweep that is killed and resumed."""
 
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
 import os
@@ -15,15 +15,12 @@ import time
 from pathlib import Path
 
 import pytest
+import tomllib
+from conftest import REPO, WIKITEXT
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import REPO, WIKITEXT
-
-spec = importlib.util.spec_from_file_location("steptitan_tools_sweep", REPO / "tools" / "sweep.py")
-sweep_tool = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = sweep_tool
-spec.loader.exec_module(sweep_tool)
+from steptitan.experiments import report, runner, spec
 
 
 def write(path: Path, text: str) -> Path:
@@ -51,7 +48,7 @@ set = { "stages.1.lr" = 1e-3 }
 label = "baseline"
 set = { "stages.1.steps" = 7 }
 """)
-    sw = sweep_tool.load_sweep(f, output_dir=str(tmp_path / "out"))
+    sw = spec.load_sweep(f, output_dir=str(tmp_path / "out"))
     assert sw.recipe == (REPO / "recipes" / "step.toml").resolve()
     assert len(sw.runs) == 3 * 2 * 2 + 2  # grid x seeds, then the explicit run x seeds
     names = [r.name for r in sw.runs]
@@ -74,7 +71,7 @@ mode = "zip"
 "stages.1.peft.rank" = [4, 16]
 "stages.1.peft.alpha" = [8, 32]
 """)
-    sw = sweep_tool.load_sweep(f)
+    sw = spec.load_sweep(f)
     assert [(r.overrides["stages.1.peft.rank"], r.overrides["stages.1.peft.alpha"]) for r in sw.runs] == [(4, 8), (16, 32)]
     assert sw.output_dir.name == "s"
 
@@ -89,14 +86,14 @@ mode = "zip"
 ])
 def test_bad_sweep_files_give_one_clear_error(tmp_path, body, message):
     f = write(tmp_path / "s.toml", 'recipe = "recipes/step.toml"\n' + body + "\n")
-    with pytest.raises(sweep_tool.SweepError, match=message):
-        sweep_tool.load_sweep(f)
+    with pytest.raises(spec.SweepError, match=message):
+        spec.load_sweep(f)
 
 
 def test_run_names_use_shortest_unique_key_suffix():
-    names = sweep_tool._short_keys(["stages.1.peft.rank", "stages.2.peft.rank", "training.lr"])
+    names = spec.short_keys(["stages.1.peft.rank", "stages.2.peft.rank", "training.lr"])
     assert names == {"stages.1.peft.rank": "1.peft.rank", "stages.2.peft.rank": "2.peft.rank", "training.lr": "lr"}
-    assert sweep_tool.run_name({"a.x": "has space/slash", "b.y": True}) == "x=has_space_slash,y=true"
+    assert spec.run_name({"a.x": "has space/slash", "b.y": True}) == "x=has_space_slash,y=true"
 
 
 scalars = st.one_of(
@@ -108,12 +105,19 @@ scalars = st.one_of(
 
 @settings(max_examples=200)
 @given(st.one_of(scalars, st.lists(scalars, max_size=4)))
-def test_override_text_parses_back_to_the_same_value(value):
-    """Whatever a sweep axis holds reaches the run as exactly that value (type included)."""
-    from steptitan.recipe import parse_overrides
-
-    ((_, parsed),) = parse_overrides([f"k={sweep_tool.format_value(value)}"])
+def test_override_value_reaches_the_run_recipe_unchanged(value):
+    """Whatever a sweep axis holds reaches the run's resolved TOML as exactly that value (type included)."""
+    data = {"stages": [{"steps": 1}, {"steps": 2}]}
+    spec.set_dotted(data, "stages.1.growth.k", value)
+    parsed = tomllib.loads(spec.recipe_toml(data))["stages"][1]["growth"]["k"]
     assert parsed == value and type(parsed) is type(value)
+
+
+def test_set_dotted_names_the_list_length_on_a_bad_index():
+    from steptitan.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match="stages has 2 entries"):
+        spec.set_dotted({"stages": [{}, {}]}, "stages.2.steps", 3)
 
 
 def test_write_commands_with_an_sbatch_template(tmp_path):
@@ -123,9 +127,9 @@ nproc = 4
 [axes]
 stages.1.growth.position = ["upper", "lower"]
 """)
-    sw = sweep_tool.load_sweep(f, output_dir=str(tmp_path / "out"))
+    sw = spec.load_sweep(f, output_dir=str(tmp_path / "out"))
     out = tmp_path / "cmds.sh"
-    n = sweep_tool.write_commands(sw, out, "sbatch --job-name={name} --wrap={command_q}")
+    n = runner.write_commands(sw, out, "sbatch --job-name={name} --wrap={command_q}")
     lines = out.read_text().splitlines()
     assert n == 2 and len(lines) == 2
     for line, run in zip(lines, sw.runs):
@@ -133,9 +137,11 @@ stages.1.growth.position = ["upper", "lower"]
         assert argv[:2] == ["sbatch", f"--job-name={run.name}"]
         inner = shlex.split(argv[2].removeprefix("--wrap="))
         assert inner[:5] == ["torchrun", "--standalone", "--nproc_per_node=4", "-m", "steptitan.train"]
-        assert inner[5] == "recipes/step.toml"  # repo-relative: the commands run from the repo root
-        assert f"stages.1.growth.position={run.values['stages.1.growth.position']}" in inner
-        assert inner[-1] == f"output_dir={tmp_path / 'out' / run.name}"
+        # launched from the run's resolved recipe (absolute path), not from key=value overrides
+        assert inner[5] == str(tmp_path / "out" / "_recipes" / f"{run.name}.toml") and len(inner) == 6
+        recipe = tomllib.loads(Path(inner[5]).read_text())
+        assert recipe["stages"][1]["growth"]["position"] == run.values["stages.1.growth.position"]
+        assert recipe["output_dir"] == str(tmp_path / "out" / run.name)
 
 
 # --------------------------------------------------------------------------- failures (no training: fake launches)
@@ -150,45 +156,45 @@ training.lr = [0.5, 0.25, 0.125]
 label = "invalid"
 set = { "stages.1.peft.rank" = 0 }
 """)
-    sw = sweep_tool.load_sweep(f, output_dir=str(tmp_path / "out"))
+    sw = spec.load_sweep(f, output_dir=str(tmp_path / "out"))
 
     def fake_launch(sweep, run, status="new", python=None):
-        folder = sweep_tool.run_dir(sweep, run)
+        folder = runner.run_dir(sweep, run)
         if run.overrides["training.lr"] == 0.5:
             return [sys.executable, "-c", "import sys; print('line one'); print('the crash reason: boom'); sys.exit(3)"]
         code = (f"import json, pathlib; p = pathlib.Path({str(folder)!r}); p.mkdir(parents=True);"
                 f"(p / 'summary.json').write_text(json.dumps({{'final_val_loss': {run.overrides['training.lr']}, 'stages': []}}))")
         return [sys.executable, "-c", code]
 
-    monkeypatch.setattr(sweep_tool, "launch_command", fake_launch)
-    report = sweep_tool.run_sweep(sw, progress=False)
-    assert [r.name for r, _ in report["done"]] == ["lr=0.25", "lr=0.125"]
-    assert [(r.name, why) for r, why in report["failed"]] == [("lr=0.5", "exit code 3"), ("invalid", "invalid recipe")]
-    sweep_tool.print_report(sw, report)
+    monkeypatch.setattr(runner, "launch_command", fake_launch)
+    result = runner.run_sweep(sw, progress=False)
+    assert [r.name for r, _ in result["done"]] == ["lr=0.25", "lr=0.125"]
+    assert [(r.name, why) for r, why in result["failed"]] == [("lr=0.5", "exit code 3"), ("invalid", "invalid recipe")]
+    runner.print_report(sw, result)
     out = capsys.readouterr().out
     assert "FAILED: lr=0.5 (exit code 3)" in out and "the crash reason: boom" in out
     assert "FAILED: invalid (invalid recipe)" in out and "rank must be > 0" in out
-    rows = sweep_tool.collect_results(sw)
+    rows = report.collect_results(sw)
     assert [r["status"] for r in rows] == ["failed", "finished", "finished", "failed"]
     assert [r.get("final_val_loss") for r in rows] == [None, 0.25, 0.125, None]
     # Run again: the two finished runs are skipped, the failed ones are tried again.
-    again = sweep_tool.run_sweep(sw, progress=False)
+    again = runner.run_sweep(sw, progress=False)
     assert len(again["skipped"]) == 2 and len(again["failed"]) == 2 and not again["done"]
 
 
 def test_a_run_made_with_other_overrides_is_not_silently_reused(tmp_path, monkeypatch):
     f = write(tmp_path / "s.toml", 'recipe = "recipes/step.toml"\n[set]\ntraining.lr = 0.5\n')
-    sw = sweep_tool.load_sweep(f, output_dir=str(tmp_path / "out"))
-    folder = sweep_tool.run_dir(sw, sw.runs[0])
+    sw = spec.load_sweep(f, output_dir=str(tmp_path / "out"))
+    folder = runner.run_dir(sw, sw.runs[0])
     make = [sys.executable, "-c", f"import pathlib; p = pathlib.Path({str(folder)!r}); p.mkdir(parents=True, exist_ok=True); (p / 'summary.json').write_text('{{}}')"]
     seen = []
-    monkeypatch.setattr(sweep_tool, "launch_command", lambda sweep, run, status="new", python=None: seen.append(status) or make)
-    assert len(sweep_tool.run_sweep(sw, progress=False)["done"]) == 1
+    monkeypatch.setattr(runner, "launch_command", lambda sweep, run, status="new", python=None: seen.append(status) or make)
+    assert len(runner.run_sweep(sw, progress=False)["done"]) == 1
     write(f, 'recipe = "recipes/step.toml"\n[set]\ntraining.lr = 0.25\n')  # same run name, other recipe
-    sw = sweep_tool.load_sweep(f, output_dir=str(tmp_path / "out"))
-    with pytest.raises(sweep_tool.SweepError, match="rerun-stale"):
-        sweep_tool.run_sweep(sw, progress=False)
-    assert len(sweep_tool.run_sweep(sw, progress=False, rerun_stale=True)["done"]) == 1
+    sw = spec.load_sweep(f, output_dir=str(tmp_path / "out"))
+    with pytest.raises(spec.SweepError, match="rerun-stale"):
+        runner.run_sweep(sw, progress=False)
+    assert len(runner.run_sweep(sw, progress=False, rerun_stale=True)["done"]) == 1
     assert seen == ["new", "stale"]
 
 
@@ -197,6 +203,94 @@ def test_a_run_made_with_other_overrides_is_not_silently_reused(tmp_path, monkey
 
 def _sweep_cmd(sweep_file: Path, out: Path) -> list[str]:
     return [sys.executable, str(REPO / "tools" / "sweep.py"), str(sweep_file), "--out", str(out), "--no-progress"]
+
+
+# --------------------------------------------------------------------------- paths and real failures
+
+
+def test_relative_paths_are_anchored_at_the_file_that_wrote_them(tmp_path, capsys):
+    """Base recipe paths are relative to the recipe's folder, sweep-file paths to the sweep's; --check sees missing data."""
+    (tmp_path / "rec").mkdir()
+    (tmp_path / "sw").mkdir()
+    base = (REPO / "recipes" / "step.toml").read_text().replace("[data]", '[data]\nfiles = ["data/train.txt"]', 1)
+    assert 'files = ["data/train.txt"]' in base
+    write(tmp_path / "rec" / "base.toml", base)
+    f = write(tmp_path / "sw" / "s.toml", """
+recipe = "../rec/base.toml"
+[set]
+"data.val_files" = ["val.txt"]
+"data.cache_dir" = "cache"
+"checkpoint.resume" = "auto"
+""")
+    sw = spec.load_sweep(f)
+    assert sw.workdir == tmp_path / "sw" and sw.output_dir == tmp_path / "sw" / "runs" / "s"
+    (run,) = sw.runs
+    data = tomllib.loads(runner.run_recipe_text(sw, run))["data"]
+    assert data["files"] == [str(tmp_path / "rec" / "data" / "train.txt")]
+    assert data["val_files"] == [str(tmp_path / "sw" / "val.txt")]
+    assert data["cache_dir"] == str(tmp_path / "sw" / "cache")
+    assert tomllib.loads(runner.run_recipe_text(sw, run))["checkpoint"]["resume"] == "auto"
+
+    from steptitan.experiments.sweep import main as sweep_main
+
+    assert sweep_main([str(f), "--check"]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "rec" / "data" / "train.txt") in err and str(tmp_path / "sw" / "val.txt") in err
+    (tmp_path / "rec" / "data").mkdir()
+    write(tmp_path / "rec" / "data" / "train.txt", "some text\n")
+    write(tmp_path / "sw" / "val.txt", "more text\n")
+    assert sweep_main([str(f), "--check"]) == 0
+    assert "1 of 1 runs valid" in capsys.readouterr().out
+
+
+@pytest.mark.dist
+def test_real_sweep_from_its_folder_shows_the_steptitan_error_of_a_failed_run(tmp_path):
+    """Through the real entry point: relative data and cache resolve in the sweep's folder; a run that fails in
+    steptitan.train is summarised by its `steptitan: error:` line, not by torchrun's traceback."""
+    from steptitan.data import stdlib_docstrings
+
+    folder = tmp_path / "exp"
+    (folder / "data").mkdir(parents=True)
+    text = "\n\n".join(stdlib_docstrings()[:300])
+    write(folder / "data" / "train.txt", text[:40000])
+    write(folder / "data" / "val.txt", text[40000:50000])
+    write(folder / "tiny.toml", """
+recipe = "base.toml"
+[axes]
+"training.seq_len" = [16, 100000]
+""")
+    write(folder / "base.toml", """
+name = "tiny"
+[model]
+dim = 32
+n_layers = 1
+n_heads = 2
+vocab_size = 512
+[data]
+files = ["data/train.txt"]
+val_files = ["data/val.txt"]
+cache_dir = "cache"
+[training]
+batch_size = 2
+eval_batches = 1
+warmup_steps = 1
+[checkpoint]
+enabled = false
+[[stages]]
+steps = 2
+""")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "steptitan", "sweep", "tiny.toml", "--no-progress"], cwd=folder,
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (folder / "runs" / "tiny" / "seq_len=16" / "summary.json").is_file()
+    assert (folder / "cache" / "tokens").is_dir()  # the relative cache_dir landed beside the sweep, not in the checkout
+    failed = proc.stdout.split("--- FAILED: seq_len=100000", 1)[1]
+    assert "steptitan: error: training.seq_len=100000" in failed.splitlines()[1]
+    assert "Traceback" not in failed and "ChildFailedError" not in failed
+    assert "steptitan: error: training.seq_len=100000" in proc.stderr  # the progress line names it too
+    rows = (folder / "runs" / "tiny" / "results.md").read_text()
+    assert "trainable_params" in rows and "peak_model_states_MiB" in rows and "steptitan: error" in rows
 
 
 @pytest.mark.dist
@@ -276,3 +370,30 @@ set = {{ "stages.1.steps" = 80, "checkpoint.interval" = 20 }}
     assert third.returncode == 0, third.stderr[-3000:]
     assert "4 runs, 4 finished earlier, 0 to run" in third.stdout and "0 failed" in third.stdout
     assert (out / "_logs" / "position=upper,rank=8.log").read_text() == victim_log
+
+
+def test_ctrl_c_says_the_sweep_is_stopping_and_stops_the_run(tmp_path):
+    """SIGINT to a sweep whose run is busy: one line says it is stopping, the run's group ends, exit 130."""
+    f = write(tmp_path / "s.toml", f'recipe = "{REPO / "recipes" / "step.toml"}"\n')
+    script = f"""
+import sys
+from steptitan.experiments import runner, sweep
+runner.launch_command = lambda *a, **k: [sys.executable, "-c", "import time; print('busy', flush=True); time.sleep(60)"]
+sys.exit(sweep.main([{str(f)!r}, "--no-progress", "--out", {str(tmp_path / 'out')!r}]))
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "out" / "_logs" / "base.log"
+    deadline = time.monotonic() + 120
+    state_file = tmp_path / "out" / "_logs" / "base.json"
+    while not (log.is_file() and "busy" in log.read_text() and state_file.is_file()
+               and json.loads(state_file.read_text()).get("pgid")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.1)
+    state = json.loads(state_file.read_text())
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "sweep: SIGINT received, stopping: ending run base" in err and "run the same command again" in err
+    with pytest.raises(ProcessLookupError):
+        os.killpg(state["pgid"], 0)  # the run's whole process group is gone
+    assert json.loads((tmp_path / "out" / "_logs" / "base.json").read_text())["status"] == "interrupted"

@@ -28,30 +28,30 @@ split column's gradient is copied (docs/growth.md, "Optimizer state").
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import torch
 
-from steptitan.distributed import full_tensor, local_part, local_tensor
-from steptitan.growth import GrowthOperator, LayerSource
+from steptitan.distributed import full_tensor, local_part, local_tensor, seeded_generator
+from steptitan.growth import GrowthOperator, LayerSource, StatePolicy
 from steptitan.model import ModelShape
-from steptitan.peft import seeded_generator
 from steptitan.registry import GROWTH
 
-MAPPINGS = ("cyclic", "random", "uniform")
-METHODS = ("fpi", "aki")
+WidthMapping = Literal["cyclic", "random", "uniform"]  # new width position u -> old unit
+MAPPINGS = get_args(WidthMapping)
 
 
 @dataclass
 class Bert2BertOptions:
-    dim: int = 0  # target d_model; 0 = unchanged
-    ffn_hidden: int = 0  # target SwiGLU hidden size; 0 = unchanged
-    n_heads: int = 0  # target query heads (head_dim stays fixed); 0 = unchanged
-    n_kv_heads: int = 0  # target KV heads; 0 = keep the group size n_heads / n_kv_heads
-    method: str = "fpi"  # fpi (copy-and-split) | aki (new units from the layer above; not exact)
-    mapping: str = "cyclic"  # cyclic (u mod n) | random (seeded) | uniform (each unit k times in a row)
+    dim: int = field(default=0, metadata={"ge": 0})  # target d_model; 0 = unchanged
+    ffn_hidden: int = field(default=0, metadata={"ge": 0})  # target SwiGLU hidden size; 0 = unchanged
+    n_heads: int = field(default=0, metadata={"ge": 0})  # target query heads (head_dim stays fixed); 0 = unchanged
+    n_kv_heads: int = field(default=0, metadata={"ge": 0})  # target KV heads; 0 = keep the group size n_heads / n_kv_heads
+    method: Literal["fpi", "aki"] = "fpi"  # fpi = copy-and-split | aki = new units from the layer above (not exact)
+    mapping: WidthMapping = "cyclic"  # cyclic (u mod n) | random (seeded) | uniform (each unit k times in a row)
     seed: int = 0  # seed of the random mapping
-    optimizer_state: str = "fresh"  # fresh | copy (moments grown like the gradient)
+    optimizer_state: StatePolicy = "fresh"  # copy = moments grown like the gradient
 
 
 @dataclass(frozen=True)
@@ -139,14 +139,6 @@ def expand(t: torch.Tensor, axes: list[tuple[int, str, str]], maps: dict[str, Ex
 class Bert2Bert(GrowthOperator):
     Options = Bert2BertOptions
     description = "bert2BERT width growth (FPI copy-and-split or AKI) of d_model, FFN hidden size and heads"
-
-    def __init__(self, options: Bert2BertOptions | None = None):
-        super().__init__(options)
-        o = self.options
-        if o.method not in METHODS:
-            raise ValueError(f"bert2bert.method must be one of {', '.join(METHODS)}, got {o.method!r}")
-        if o.mapping not in MAPPINGS:
-            raise ValueError(f"bert2bert.mapping must be one of {', '.join(MAPPINGS)}, got {o.mapping!r}")
 
     def target_shape(self, src: ModelShape) -> ModelShape:
         o = self.options

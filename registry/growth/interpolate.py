@@ -14,22 +14,21 @@ over N steps: exact at growth time whatever the new weights are.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from steptitan.growth import DepthGrowth, DepthOptions, LayerSource
 from steptitan.model import ModelShape
 from steptitan.registry import GROWTH
 
-POSITIONS = ("uniform", "upper", "lower")
-INITS = ("copy", "mean", "random")
 MAX_NEW_LAYERS = 1024  # the plan's layer limit (plan.SHAPE_LIMITS)
 
 
 @dataclass
 class InterpolateOptions(DepthOptions):  # + zero_out, mask_steps, optimizer_state (steptitan/growth.py)
-    n_new: int = 0  # new layers to insert; 0 = as many as there are old layers (doubling)
-    position: str = "uniform"  # uniform | upper | lower
+    n_new: int = field(default=0, metadata={"ge": 0})  # new layers to insert; 0 = as many as there are old layers (doubling)
+    position: Literal["uniform", "upper", "lower"] = "uniform"  # where the new layers go
     after: list[int] = field(default_factory=list)  # explicit old-layer indices to insert after (overrides position)
-    init: str = "copy"  # copy | mean | random
+    init: Literal["copy", "mean", "random"] = "copy"  # a new layer's weights: copy of / mean of its neighbours, or random
 
 
 @GROWTH.register("interpolate")
@@ -38,14 +37,8 @@ class Interpolate(DepthGrowth):
     description = "STEP depth growth: insert new layers between old ones (copy / mean / random init)"
 
     def __init__(self, options: InterpolateOptions | None = None):
-        super().__init__(options)
+        super().__init__(options)  # checks the declared choices and ranges
         o = self.options
-        if o.position not in POSITIONS:
-            raise ValueError(f"interpolate.position must be one of {', '.join(POSITIONS)}, got {o.position!r}")
-        if o.init not in INITS:
-            raise ValueError(f"interpolate.init must be one of {', '.join(INITS)}, got {o.init!r}")
-        if o.n_new < 0:
-            raise ValueError(f"interpolate.n_new must be >= 0, got {o.n_new}")
         if o.n_new > MAX_NEW_LAYERS or len(o.after) > MAX_NEW_LAYERS:  # checked before any list of that size is built
             raise ValueError(f"interpolate inserts at most {MAX_NEW_LAYERS} layers, got n_new={o.n_new}, {len(o.after)} after-indices")
 

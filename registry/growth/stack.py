@@ -24,7 +24,7 @@ MAX_LAYERS = 1024  # the plan's layer limit (plan.SHAPE_LIMITS)
 
 @dataclass
 class StackOptions(DepthOptions):  # + zero_out, mask_steps, optimizer_state (steptitan/growth.py)
-    growth_factor: int = 2  # g: stack the whole model g times (G_stack)
+    growth_factor: int = field(default=2, metadata={"ge": 1})  # g: stack the whole model g times (G_stack)
     layers: list[int] = field(default_factory=list)  # explicit layer-source list (overrides growth_factor)
 
 
@@ -34,9 +34,7 @@ class Stack(DepthGrowth):
     description = "G_stack depth growth: stack the whole model g times, or follow a layer-source list"
 
     def __init__(self, options: StackOptions | None = None):
-        super().__init__(options)
-        if self.options.growth_factor < 1:
-            raise ValueError(f"stack.growth_factor must be >= 1, got {self.options.growth_factor}")
+        super().__init__(options)  # checks the declared choices and ranges
         if self.options.growth_factor > MAX_LAYERS or len(self.options.layers) > MAX_LAYERS:  # before building the list
             raise ValueError(f"stack builds at most {MAX_LAYERS} layers, got growth_factor={self.options.growth_factor}, "
                              f"{len(self.options.layers)} layer sources")

@@ -24,26 +24,27 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from steptitan.distributed import full_tensor, local_part, local_tensor, reshard
-from steptitan.peft import PeftMethod, init_like, seeded_generator, target_linears
+from steptitan.distributed import full_tensor, init_like, local_part, local_tensor, seeded_generator
+from steptitan.peft import PeftMethod, target_linears
 from steptitan.registry import PEFT
 
 ALL_LINEARS = ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]
-INITS = ("kaiming", "gaussian", "uniform", "pissa")
+LoRAInit = Literal["kaiming", "gaussian", "uniform", "pissa"]
 
 
 @dataclass
 class LoRAOptions:
-    rank: int = 8  # r: inner dimension of B A
+    rank: int = field(default=8, metadata={"gt": 0})  # r: inner dimension of B A
     alpha: float = 16.0  # s = alpha / rank scales the update
-    dropout: float = 0.0  # dropout on the adapter's input only
+    dropout: float = field(default=0.0, metadata={"ge": 0, "lt": 1})  # dropout on the adapter's input only
     targets: list[str] = field(default_factory=lambda: list(ALL_LINEARS))  # block linears by name or glob ("wq", "attention.*")
-    init: str = "kaiming"  # kaiming | gaussian (B = 0) | uniform | pissa (B != 0, W compensated); see the module doc
+    init: LoRAInit = "kaiming"  # gaussian / kaiming: B = 0; uniform / pissa: B != 0, W compensated; see the module doc
 
 
 class LoRALinear(nn.Linear):
@@ -133,12 +134,6 @@ class LoRA(PeftMethod):
     def __init__(self, options: LoRAOptions, layers: list[int], seed: int = 0):
         super().__init__(options, layers, seed)
         name = self.registry_name
-        if options.rank <= 0:
-            raise ValueError(f"{name}.rank must be > 0, got {options.rank}")
-        if not 0.0 <= options.dropout < 1.0:
-            raise ValueError(f"{name}.dropout must be in [0, 1), got {options.dropout}")
-        if options.init not in INITS:
-            raise ValueError(f"{name}.init must be one of {', '.join(INITS)}, got {options.init!r}")
         if not options.targets:
             raise ValueError(f"{name}.targets must name at least one linear (e.g. {ALL_LINEARS})")
         self.scale = options.alpha / options.rank
@@ -162,7 +157,6 @@ class LoRA(PeftMethod):
 
     @torch.no_grad()
     def init_weights(self, model: nn.Module) -> None:
-        reshard(model)
         for name, module in self.modules(model):
             self.init_adapter(name, module, generation=0)
 
@@ -172,6 +166,5 @@ class LoRA(PeftMethod):
 
     @torch.no_grad()
     def merge(self, model: nn.Module) -> None:
-        reshard(model)
         for _, module in self.modules(model):
             merge_lora_linear(module)

@@ -19,8 +19,8 @@ Use it through ``extra_peft`` (see ``refactor``); it adds no parameters.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -30,15 +30,12 @@ from steptitan.peft import PeftMethod, StepContext, optimizer_state
 from steptitan.registry import PEFT
 from steptitan.registry.peft.lora import lora_modules
 
-SCOPES = ("adapters", "optimizer")
-
-
 @dataclass
 class MomentumResetOptions:
-    interval: int = 100  # zero the moments after every N optimizer steps of the stage
-    recovery_steps: int = 10  # steps of the LR ramp after a reset (0 = no ramp)
-    start_factor: float = 0.001  # LR multiplier on the first step after a reset
-    scope: str = "adapters"  # adapters (LoRA factors on this method's layers) | optimizer (every parameter)
+    interval: int = field(default=100, metadata={"gt": 0})  # zero the moments after every N optimizer steps of the stage
+    recovery_steps: int = field(default=10, metadata={"ge": 0})  # steps of the LR ramp after a reset (0 = no ramp)
+    start_factor: float = field(default=0.001, metadata={"gt": 0, "le": 1})  # LR multiplier on the first step after a reset
+    scope: Literal["adapters", "optimizer"] = "adapters"  # adapters = LoRA factors on this method's layers; optimizer = every parameter
 
 
 @torch.no_grad()
@@ -55,22 +52,15 @@ class MomentumReset(PeftMethod):
 
     def __init__(self, options: MomentumResetOptions, layers: list[int], seed: int = 0):
         super().__init__(options, layers, seed)
-        if options.interval <= 0:
-            raise ValueError(f"momentum_reset.interval must be > 0, got {options.interval}")
-        if options.recovery_steps < 0:
-            raise ValueError(f"momentum_reset.recovery_steps must be >= 0, got {options.recovery_steps}")
-        if not 0.0 < options.start_factor <= 1.0:
-            raise ValueError(f"momentum_reset.start_factor must be in (0, 1], got {options.start_factor}")
-        if options.scope not in SCOPES:
-            raise ValueError(f"momentum_reset.scope must be one of {', '.join(SCOPES)}, got {options.scope!r}")
         self.resets = 0
 
     def lr_factor(self, step: int) -> float:
-        """``step`` is the scheduler step serving optimizer step step+1; resets follow steps N, 2N, ..."""
+        """Ramp factor of optimizer step ``step`` (1-based); resets follow steps N, 2N, ..."""
         n, ramp = self.options.interval, self.options.recovery_steps
-        if step < n or ramp == 0 or step % n >= ramp:
+        done = step - 1  # optimizer steps taken before this one
+        if done < n or ramp == 0 or done % n >= ramp:
             return 1.0
-        return self.options.start_factor + (1.0 - self.options.start_factor) * (step % n) / ramp
+        return self.options.start_factor + (1.0 - self.options.start_factor) * (done % n) / ramp
 
     def after_optimizer_step(self, ctx: StepContext) -> None:
         if ctx.step % self.options.interval == 0:

@@ -28,13 +28,13 @@ paper does, since the moments refer to the old factors.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from steptitan.distributed import full_tensor, local_part, local_tensor, reshard
+from steptitan.distributed import full_tensor, local_part, local_tensor
 from steptitan.peft import PeftMethod, StepContext
 from steptitan.registry import PEFT
 from steptitan.registry.peft.lora import LoRALinear, lora_modules
@@ -42,8 +42,8 @@ from steptitan.registry.peft.lora import LoRALinear, lora_modules
 
 @dataclass
 class RefactorOptions:
-    interval: int = 100  # rebalance every N optimizer steps of the stage
-    rel_tol: float = 1e-6  # skip an adapter whose smallest singular value is below rel_tol * the largest
+    interval: int = field(default=100, metadata={"gt": 0})  # rebalance every N optimizer steps of the stage
+    rel_tol: float = field(default=1e-6, metadata={"ge": 0, "lt": 1})  # skip an adapter whose smallest singular value is below rel_tol * the largest
 
 
 def balanced_factors(b: torch.Tensor, a: torch.Tensor, rel_tol: float) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -79,10 +79,6 @@ class Refactor(PeftMethod):
 
     def __init__(self, options: RefactorOptions, layers: list[int], seed: int = 0):
         super().__init__(options, layers, seed)
-        if options.interval <= 0:
-            raise ValueError(f"refactor.interval must be > 0, got {options.interval}")
-        if not 0.0 <= options.rel_tol < 1.0:
-            raise ValueError(f"refactor.rel_tol must be in [0, 1), got {options.rel_tol}")
         self.done = self.skipped = 0
 
     def apply(self, model: nn.Module) -> None:
@@ -96,7 +92,6 @@ class Refactor(PeftMethod):
 
     @torch.no_grad()
     def refactor(self, model: nn.Module) -> None:
-        reshard(model)
         for _, module in lora_modules(model, self.layers):
             if refactor_lora_linear(module, self.options.rel_tol):
                 self.done += 1

@@ -7,10 +7,11 @@ LoRA whose adapters are merged and restarted every ``reset_interval`` steps:
 so the sum of the low-rank updates can reach a high rank. At each reset the
 adapters' optimizer state is
 
-* ``magnitude``: pruned -- entries with |x| at or below the ``prune_ratio``
-  quantile of |x| (per tensor: exp_avg and exp_avg_sq of each adapter) are
-  zeroed (the paper's optimizer-state reset by magnitude pruning);
-* ``random``: pruned at random, exactly ``floor(prune_ratio * n)`` entries;
+* ``magnitude``: pruned -- entries whose |exp_avg| is at or below the
+  ``prune_ratio`` quantile (per adapter tensor) are zeroed in both moments
+  (the paper's optimizer-state reset by magnitude pruning);
+* ``random``: pruned at random, exactly ``floor(prune_ratio * n)`` entries,
+  the same entries in both moments;
 * ``full``: reset (moments and the step count zeroed).
 
 The LR follows the "jagged" schedule: the stage's cosine (training.decay_type,
@@ -30,26 +31,23 @@ seeded generator, so the result does not depend on the world size.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from steptitan.distributed import full_tensor, local_part, local_tensor, reshard
-from steptitan.peft import StepContext, optimizer_state, seeded_generator
+from steptitan.distributed import full_tensor, local_part, local_tensor, seeded_generator
+from steptitan.peft import StepContext, optimizer_state
 from steptitan.registry import PEFT
 from steptitan.registry.peft.lora import LoRA, LoRAOptions, merge_lora_linear
 
-OPTIMIZER_RESETS = ("magnitude", "random", "full")
-
-
 @dataclass
 class ReLoRAOptions(LoRAOptions):
-    reset_interval: int = 100  # N: merge + re-init every N optimizer steps of the stage
-    optimizer_reset: str = "magnitude"  # magnitude | random | full (adapters' optimizer state at a reset)
-    prune_ratio: float = 0.9  # fraction of each adapter state tensor zeroed by magnitude/random pruning
-    restart_warmup_steps: int = 10  # linear LR re-warm-up after each reset (0 = none)
+    reset_interval: int = field(default=100, metadata={"gt": 0})  # N: merge + re-init every N optimizer steps of the stage
+    optimizer_reset: Literal["magnitude", "random", "full"] = "magnitude"  # what happens to the adapters' optimizer state at a reset
+    prune_ratio: float = field(default=0.9, metadata={"ge": 0, "le": 1})  # fraction of each adapter state tensor zeroed by magnitude/random pruning
+    restart_warmup_steps: int = field(default=10, metadata={"ge": 0})  # linear LR re-warm-up after each reset (0 = none)
 
 
 def prune_mask(state: torch.Tensor, mode: str, ratio: float, gen: torch.Generator) -> torch.Tensor:
@@ -73,19 +71,28 @@ def prune_mask(state: torch.Tensor, mode: str, ratio: float, gen: torch.Generato
 
 @torch.no_grad()
 def reset_adapter_state(state: dict[str, Any], mode: str, ratio: float, gen: torch.Generator) -> None:
-    """Apply ReLoRA's optimizer-state handling to one parameter's AdamW state."""
+    """Apply ReLoRA's optimizer-state handling to one parameter's AdamW state.
+
+    Pruning zeroes exp_avg and exp_avg_sq at the same entries (one mask, from
+    |exp_avg| for ``magnitude``, one draw for ``random``): every entry keeps an
+    intact (m, v) pair or neither. Independent masks leave entries with m != 0
+    and v = 0, which then step by lr * m / eps -- right after a reset A's
+    gradient is 0 (B = 0), so nothing damps them (issue 11; docs/peft.md).
+    """
     if not state:
         return
-    for key in ("exp_avg", "exp_avg_sq"):
-        if key not in state:
-            continue
-        if mode == "full":
+    keys = [k for k in ("exp_avg", "exp_avg_sq") if k in state]
+    if mode == "full":
+        for key in keys:
             local_tensor(state[key]).zero_()
-        else:
-            local = local_tensor(state[key])
-            local.masked_fill_(prune_mask(state[key], mode, ratio, gen), 0.0)
-    if mode == "full" and "step" in state:
-        local_tensor(state["step"]).zero_()  # a fresh Adam: bias correction restarts
+        if "step" in state:
+            local_tensor(state["step"]).zero_()  # a fresh Adam: bias correction restarts
+        return
+    if not keys:
+        return
+    mask = prune_mask(state[keys[0]], mode, ratio, gen)  # keyed on the first moment, the update's direction
+    for key in keys:
+        local_tensor(state[key]).masked_fill_(mask, 0.0)
 
 
 @PEFT.register("relora")
@@ -95,26 +102,19 @@ class ReLoRA(LoRA):
 
     def __init__(self, options: ReLoRAOptions, layers: list[int], seed: int = 0):
         super().__init__(options, layers, seed)
-        if options.reset_interval <= 0:
-            raise ValueError(f"relora.reset_interval must be > 0, got {options.reset_interval}")
-        if options.optimizer_reset not in OPTIMIZER_RESETS:
-            raise ValueError(f"relora.optimizer_reset must be one of {', '.join(OPTIMIZER_RESETS)}, got {options.optimizer_reset!r}")
-        if not 0.0 <= options.prune_ratio <= 1.0:
-            raise ValueError(f"relora.prune_ratio must be in [0, 1], got {options.prune_ratio}")
-        if options.restart_warmup_steps < 0:
-            raise ValueError(f"relora.restart_warmup_steps must be >= 0, got {options.restart_warmup_steps}")
         self.resets = 0  # informational; the schedule is a function of the step alone
 
     def lr_factor(self, step: int) -> float:
-        """Jagged re-warm-up: the scheduler step ``step`` serves optimizer step step+1.
+        """Jagged re-warm-up for optimizer step ``step`` (1-based).
 
         Resets follow optimizer steps N, 2N, ..., so optimizer step kN+1+j
         (j = 0, 1, ...) runs at (j+1)/(W+1) of the cosine value while j < W.
         """
         n, w = self.options.reset_interval, self.options.restart_warmup_steps
-        if step < n or w == 0:
+        done = step - 1  # optimizer steps taken before this one
+        if done < n or w == 0:
             return 1.0
-        since = step % n
+        since = done % n
         return (since + 1) / (w + 1) if since < w else 1.0
 
     def after_optimizer_step(self, ctx: StepContext) -> None:
@@ -124,7 +124,6 @@ class ReLoRA(LoRA):
     @torch.no_grad()
     def reset(self, model: nn.Module, optimizer: Any, step: int) -> None:
         """Merge B A into W, re-draw A, zero B, and prune/reset the adapters' optimizer state."""
-        reshard(model)
         generation = step // self.options.reset_interval
         for name, module in self.modules(model):
             merge_lora_linear(module)

@@ -36,66 +36,40 @@ a checkpoint stores each rank's shards, so resume needs the same world size.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-from steptitan.distributed import full_tensor, local_part, local_tensor, reshard
+from steptitan.distributed import (
+    full_tensor,
+    gather_rows,
+    global_rows,
+    local_part,
+    local_rows,
+    local_tensor,
+    seeded_generator,
+    shard_rows,
+)
 from steptitan.optim import AdamWSliceSteps
-from steptitan.peft import StepContext, optimizer_state, seeded_generator, target_linears
+from steptitan.peft import StepContext, optimizer_state, target_linears
 from steptitan.registry import PEFT
-from steptitan.registry.peft.lora import LoRA, LoRALinear, LoRAOptions
+from steptitan.registry.peft.lora import LoRA, LoRAInit, LoRALinear, LoRAOptions
 
-POOL_DEVICES = ("cpu", "model")
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 @dataclass
 class SwitchLoRAOptions(LoRAOptions):
     alpha: float = 1.0  # s = alpha / rank; the paper uses s = 1/r
-    init: str = "uniform"  # both A and B non-zero (paper), W compensated so the function is unchanged
-    interval0: float = 40.0  # initial switching interval (steps per r switched vectors)
-    descent_ratio: float = 0.1  # the interval has grown by 1/0.3 after descent_ratio * (stage steps)
-    freeze_steps: int = 5  # steps the counterpart of a switched vector is frozen
-    pool_size: int = 0  # candidates per pool; 0 = min(in, out) (paper)
-    pool_device: str = "cpu"  # cpu | model (the parameters' device)
-
-
-# --------------------------------------------------------------------------- shard helpers
-
-
-def shard_rows(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """This rank's dim-0 chunk of ``full`` over ``like``'s mesh (DTensor Shard(0) layout), no comms."""
-    if not isinstance(like, DTensor):
-        return full
-    device = local_tensor(like).device
-    return distribute_tensor(full.to(device), like.device_mesh, [Shard(0)], src_data_rank=None).to_local()
-
-
-def gather_rows(local: torch.Tensor, like: torch.Tensor, rows: int) -> torch.Tensor:
-    """Inverse of ``shard_rows``: the full (rows, ...) tensor on every rank (an all-gather)."""
-    if not isinstance(like, DTensor):
-        return local
-    local = local.contiguous().to(local_tensor(like).device)
-    shape = (rows, *local.shape[1:])
-    stride = tuple(math.prod(shape[k + 1:]) for k in range(len(shape)))
-    return DTensor.from_local(local, like.device_mesh, [Shard(0)], run_check=False, shape=shape, stride=stride).full_tensor()
-
-
-def global_rows(t: torch.Tensor) -> torch.Tensor:
-    """Global indices of the dim-0 rows this rank holds of ``t``."""
-    ids = torch.arange(t.shape[0], device=local_tensor(t).device).unsqueeze(1)
-    return local_part(ids, t)[:, 0] if isinstance(t, DTensor) else ids[:, 0]
-
-
-def chunk_rows(n: int, world_size: int, rank: int) -> int:
-    """Rows rank ``rank`` holds of an n-row tensor sharded like FSDP2 (torch.chunk: ceil-sized chunks)."""
-    size = -(-n // world_size)
-    return max(0, min(n, (rank + 1) * size) - min(n, rank * size))
+    init: LoRAInit = "uniform"  # both A and B non-zero (paper), W compensated so the function is unchanged
+    interval0: float = field(default=40.0, metadata={"gt": 0})  # initial switching interval (steps per r switched vectors)
+    descent_ratio: float = field(default=0.1, metadata={"gt": 0})  # the interval has grown by 1/0.3 after descent_ratio * (stage steps)
+    freeze_steps: int = field(default=5, metadata={"ge": 0})  # steps the counterpart of a switched vector is frozen
+    pool_size: int = field(default=0, metadata={"ge": 0})  # candidates per pool; 0 = min(in, out) (paper)
+    pool_device: Literal["cpu", "model"] = "cpu"  # where candidate pools live: cpu, or the parameters' device
 
 
 # --------------------------------------------------------------------------- the method
@@ -108,16 +82,6 @@ class SwitchLoRA(LoRA):
 
     def __init__(self, options: SwitchLoRAOptions, layers: list[int], seed: int = 0):
         super().__init__(options, layers, seed)
-        if options.interval0 <= 0:
-            raise ValueError(f"switchlora.interval0 must be > 0, got {options.interval0}")
-        if options.descent_ratio <= 0:
-            raise ValueError(f"switchlora.descent_ratio must be > 0, got {options.descent_ratio}")
-        if options.freeze_steps < 0:
-            raise ValueError(f"switchlora.freeze_steps must be >= 0, got {options.freeze_steps}")
-        if options.pool_size < 0:
-            raise ValueError(f"switchlora.pool_size must be >= 0 (0 = min(in, out)), got {options.pool_size}")
-        if options.pool_device not in POOL_DEVICES:
-            raise ValueError(f"switchlora.pool_device must be one of {', '.join(POOL_DEVICES)}, got {options.pool_device!r}")
         self.pools: dict[str, dict[str, torch.Tensor]] = {}  # name -> {"A": (in_local, P), "B": (out_local, P)}
         # "frozen until": vector i of A (B) gets no update in optimizer steps <= frozen_A[name][i].
         self.frozen_A: dict[str, torch.Tensor] = {}
@@ -180,7 +144,6 @@ class SwitchLoRA(LoRA):
 
     @torch.no_grad()
     def before_optimizer_step(self, ctx: StepContext) -> None:
-        reshard(ctx.model)
         self._saved = []
         for param, dim, idx in self.frozen_vectors(ctx.model, ctx.step):
             state = optimizer_state(ctx.optimizer, param)
@@ -198,7 +161,6 @@ class SwitchLoRA(LoRA):
 
     @torch.no_grad()
     def after_optimizer_step(self, ctx: StepContext) -> None:
-        reshard(ctx.model)
         self.restore_frozen()
         for name, module in self.modules(ctx.model):
             gen = seeded_generator(self.seed, "switch", name, ctx.step)
@@ -283,7 +245,7 @@ class SwitchLoRA(LoRA):
         total = 0
         for _, _, _, linear in target_linears(model, self.layers, self.options.targets):
             p = self.pool_size(linear)
-            total += 4 * p * (chunk_rows(linear.in_features, world_size, rank) + chunk_rows(linear.out_features, world_size, rank))
+            total += 4 * p * (local_rows(linear.in_features, world_size, rank) + local_rows(linear.out_features, world_size, rank))
         return total
 
     def state_dict(self) -> dict[str, Any]:

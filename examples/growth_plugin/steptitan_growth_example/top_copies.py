@@ -8,7 +8,7 @@ state policy (``optimizer_state``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from steptitan.growth import DepthGrowth, DepthOptions, LayerSource
 from steptitan.model import ModelShape
@@ -17,18 +17,13 @@ from steptitan.registry import GROWTH
 
 @dataclass
 class TopCopiesOptions(DepthOptions):  # + zero_out, mask_steps, optimizer_state
-    n_new: int = 1  # copies of the top layer to add
+    n_new: int = field(default=1, metadata={"ge": 1})  # copies of the top layer to add (a declared range: no check to write)
 
 
 @GROWTH.register("top_copies")
 class TopCopies(DepthGrowth):
     Options = TopCopiesOptions
     description = "add n_new copies of the top layer on top (example external plugin)"
-
-    def __init__(self, options: TopCopiesOptions | None = None):
-        super().__init__(options)
-        if self.options.n_new < 1:  # a ValueError here becomes one RecipeError naming the stage
-            raise ValueError(f"top_copies.n_new must be >= 1, got {self.options.n_new}")
 
     def target_shape(self, src: ModelShape) -> ModelShape:
         return src.replace(n_layers=src.n_layers + self.options.n_new)

@@ -1,0 +1,1 @@
+"""Built-in optimizers, one file each. See docs/optimizers.md."""

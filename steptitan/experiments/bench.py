@@ -1,0 +1,377 @@
+"""``steptitan bench`` (= ``python tools/bench.py``): STEP and its alternatives at equal training FLOPs, over seeds.
+
+    steptitan bench                                          # every recipe, 3 seeds, writes BENCHMARKS.md
+    steptitan bench --recipes vanilla,step3 --seeds 2 --budget-tokens 20000 --out /tmp/B.md --plots /tmp/plots
+    steptitan bench --train my/train.txt --val my/val.txt    # another corpus (default WikiText-2)
+    steptitan bench --report-only                            # rewrite BENCHMARKS.md from the finished runs
+
+One shape (``--dim --layers --heads --vocab --ffn --seq-len --batch``) serves memory and quality;
+every recipe is put on it (its layer schedule scaled to end at ``--layers``). Three parts:
+
+1. quality: every (recipe, seed) trains on ``--train`` and is evaluated on the same blocks of
+   ``--val``, at vanilla's training FLOPs for ``--budget-tokens`` tokens (each recipe's stage steps
+   scaled, keeping its proportions), with evaluations every ~10% of the steps;
+2. memory: one short run per recipe under the STEP paper's mixed-precision policy: measured vs
+   predicted peak per-rank model-state bytes;
+3. throughput: steptitan's vanilla and a bare FSDP2 loop on the final model, interleaved.
+
+Every run is a folder under ``--runs`` and is launched by the sweep runner, so a re-run skips
+finished runs and a long benchmark can be run in pieces. docs/benchmark.md says why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from steptitan.experiments import runner
+from steptitan.experiments.report import read_summary, val_curve
+from steptitan.experiments.spec import Run, Sweep, SweepError, resolved_recipe
+
+CHECKOUT = Path(__file__).resolve().parents[2]
+WIKITEXT = CHECKOUT.parent / "shared" / "data" / "wikitext-2"
+# name -> recipe file (relative to the checkout); --recipes also takes paths to other recipe files
+RECIPES: dict[str, str] = {
+    "vanilla": "recipes/vanilla.toml",
+    "step3": "recipes/step3.toml",
+    "step3_trainemb": "recipes/bench/step3_trainemb.toml",
+    "step_noadapter": "recipes/step_noadapter.toml",
+    "step_lower": "recipes/step_lower.toml",
+    "step_relora": "recipes/step_relora.toml",
+    "step_switchlora": "recipes/step_switchlora.toml",
+    "relora": "recipes/relora.toml",
+    "switchlora": "recipes/switchlora.toml",
+    "galore": "recipes/galore.toml",
+}
+PAPER_POLICY = {"training.dtype": "bfloat16", "training.frozen_dtype": "bfloat16"}
+MIN_BLOCK_FRACTION = 0.85  # the papers' models: transformer blocks hold most parameters (issue 10)
+
+
+class BenchError(ValueError):
+    """Bad benchmark arguments; the message says which and why."""
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+@dataclass(frozen=True)
+class BenchShape:
+    """The one benchmark shape (the final model of every recipe) and its batch."""
+
+    dim: int
+    layers: int
+    heads: int
+    vocab: int
+    ffn: int
+    seq_len: int
+    batch: int
+
+    def overrides(self) -> dict[str, Any]:
+        return {"model.dim": self.dim, "model.n_heads": self.heads, "model.vocab_size": self.vocab,
+                "model.ffn_hidden": self.ffn, "training.seq_len": self.seq_len, "training.batch_size": self.batch}
+
+    def block_fraction(self) -> float:
+        """Share of the final model's parameters inside transformer blocks, counted on the built (meta) model."""
+        from steptitan.model import ModelShape, build_model
+
+        model = build_model(ModelShape(dim=self.dim, n_layers=self.layers, n_heads=self.heads, n_kv_heads=self.heads,
+                                       vocab_size=self.vocab, ffn_hidden=self.ffn, max_seq_len=self.seq_len))
+        total = sum(p.numel() for p in model.parameters())
+        blocks = sum(p.numel() for n, p in model.named_parameters() if n.startswith("layers."))
+        return blocks / total
+
+
+def check_shape(shape: BenchShape, allow_small_blocks: bool = False) -> float:
+    frac = shape.block_fraction()
+    if frac < MIN_BLOCK_FRACTION and not allow_small_blocks:
+        raise BenchError(f"transformer blocks hold {frac:.1%} of this shape's parameters (dim {shape.dim}, {shape.layers} "
+                         f"layers, vocab {shape.vocab}, FFN {shape.ffn}); the benchmark needs >= {MIN_BLOCK_FRACTION:.0%}, "
+                         f"as in the papers' models, or the embeddings decide the memory ratios. Use more layers, a "
+                         f"larger dim or a smaller vocab, or pass --allow-small-blocks")
+    return frac
+
+
+def recipe_file(name: str) -> Path:
+    path = CHECKOUT / RECIPES[name] if name in RECIPES else Path(name).resolve()
+    if not path.is_file():
+        raise BenchError(f"unknown recipe {name!r}: neither one of {', '.join(RECIPES)} nor a recipe file")
+    return path
+
+
+def recipe_name(name: str) -> str:
+    return name if name in RECIPES else Path(name).stem
+
+
+def _plans(path: Path, overrides: dict[str, Any]):
+    from steptitan.plan import build_plan
+    from steptitan.recipe import recipe_from_dict
+
+    run = Run("probe", {}, overrides, recipe=path, base_dir=Path.cwd())
+    recipe = recipe_from_dict(resolved_recipe(run))
+    return recipe, build_plan(recipe)
+
+
+def layer_overrides(path: Path, shape: BenchShape) -> dict[str, Any]:
+    """The recipe's layer schedule scaled to end at ``shape.layers`` (first stage and each growth's n_new)."""
+    recipe, plans = _plans(path, {})
+    native = [p.shape.n_layers for p in plans]
+    scaled = [max(1, round(n * shape.layers / native[-1])) for n in native]
+    scaled[-1] = shape.layers
+    out: dict[str, Any] = {"model.n_layers": scaled[0]}
+    for i, stage in enumerate(recipe.stages):
+        if i and stage.growth and scaled[i] != scaled[i - 1] and "n_new" in _growth_options(stage.growth["name"]):
+            out[f"stages.{i}.growth.n_new"] = scaled[i] - scaled[i - 1]
+    _, plans = _plans(path, {**shape.overrides(), **out})
+    if plans[-1].shape.n_layers != shape.layers or plans[-1].shape.dim != shape.dim:
+        raise BenchError(f"{path.name}: cannot put its schedule {native} on {shape.layers} layers "
+                         f"(got {[p.shape.n_layers for p in plans]}); give --layers a multiple of {native[-1]}")
+    return out
+
+
+def _growth_options(name: str) -> set[str]:
+    import dataclasses
+
+    from steptitan.registry import GROWTH
+
+    return {f.name for f in dataclasses.fields(GROWTH.get(name).Options)}
+
+
+def stage_flops(path: Path, overrides: dict[str, Any], world: int) -> tuple[list[float], list[int], int]:
+    """(training FLOPs per optimizer step of each stage, the recipe's steps per stage, tokens per step)."""
+    from steptitan.flops import stage_flops_per_token
+
+    recipe, plans = _plans(path, overrides)
+    t = recipe.training
+    tokens = world * t.batch_size * t.grad_accum * t.seq_len
+    return ([stage_flops_per_token(p, t.seq_len, t.activation_checkpointing).total * tokens for p in plans],
+            [p.steps for p in plans], tokens)
+
+
+def equal_flop_steps(per_step: Sequence[float], proportions: Sequence[int], budget: float) -> list[int]:
+    """Stage steps keeping the recipe's proportions whose total FLOPs is closest to ``budget``."""
+    unit = budget / sum(w * f for w, f in zip(proportions, per_step))
+    return [max(1, round(w * unit)) for w in proportions]
+
+
+def _sweep(name: str, args: argparse.Namespace, runs: list[Run]) -> Sweep:
+    out = Path(args.runs).resolve()
+    return Sweep(name=name, path=out, recipe=runs[0].recipe if runs else out, nproc=args.world_size, mode="grid",
+                 seeds=[], metric="final_val_loss", output_dir=out / name, template="{command}", torchrun_args=[],
+                 axes={}, workdir=out, runs=runs)
+
+
+def common(args: argparse.Namespace) -> dict[str, Any]:
+    return {"data.files": [str(Path(args.train).resolve())], "data.val_files": [str(Path(args.val).resolve())],
+            "data.cache_dir": os.path.expanduser(args.cache), "data.max_chars": 0, "checkpoint.enabled": False,
+            "training.eval_batches": args.eval_batches, "training.steps_per_log": 20}
+
+
+def plan_runs(args: argparse.Namespace, shape: BenchShape) -> tuple[Sweep, Sweep, dict[str, Any]]:
+    """The quality sweep (recipe x seed at equal FLOPs) and the memory sweep (one run per recipe), plus budget facts."""
+    base = {**common(args), **shape.overrides()}
+    van_path = recipe_file("vanilla")
+    van_layers = layer_overrides(van_path, shape)
+    van_flops, _, tokens_per_step = stage_flops(van_path, {**base, **van_layers}, args.world_size)
+    van_steps = max(1, round(args.budget_tokens / tokens_per_step))
+    budget = van_flops[0] * van_steps
+    quality, memory, steps_of = [], [], {}
+    for name in args.recipes:
+        path, short = recipe_file(name), recipe_name(name)
+        layers = van_layers if short == "vanilla" else layer_overrides(path, shape)
+        extra = {"training.galore.rank": max(1, shape.dim // 4)} if short == "galore" else {}
+        per_step, proportions, _ = stage_flops(path, {**base, **layers, **extra}, args.world_size)
+        steps = [van_steps] if short == "vanilla" else equal_flop_steps(per_step, proportions, budget)
+        steps_of[short] = steps
+        interval = max(1, round(sum(steps) / args.evals))
+        for seed in range(args.seeds):
+            over = {**base, **layers, **extra, **{f"stages.{i}.steps": n for i, n in enumerate(steps)},
+                    "training.seed": seed, "training.eval_interval": interval, "name": f"{short}-seed{seed}"}
+            quality.append(Run(f"{short},seed={seed}", {"recipe": short, "training.seed": seed}, over, short, path, Path.cwd()))
+        mem = {**base, **layers, **extra, **PAPER_POLICY, "training.eval_batches": 1, "training.warmup_steps": 1,
+               **{f"stages.{i}.steps": args.mem_steps for i in range(len(steps))}, "name": f"{short}-memory"}
+        memory.append(Run(short, {"recipe": short}, mem, short, path, Path.cwd()))
+    facts = {"budget_flops": budget, "vanilla_steps": van_steps, "tokens_per_step": tokens_per_step, "steps": steps_of}
+    return _sweep("quality", args, quality), _sweep("memory", args, memory), facts
+
+
+def collect(sweep: Sweep) -> dict[str, dict[int | str, dict]]:
+    """{recipe: {seed (quality) or "memory": summary + curve + wall}} of the finished runs."""
+    out: dict[str, dict] = {}
+    for run in sweep.runs:
+        summary = read_summary(runner.run_dir(sweep, run))
+        if summary is None:
+            continue
+        summary["wall_s"] = runner.read_state(sweep, run).get("wall_s")
+        summary["curve"] = val_curve(runner.run_dir(sweep, run), summary["stages"])
+        out.setdefault(run.label, {})[run.values.get("training.seed", "memory")] = summary
+    return out
+
+
+# --------------------------------------------------------------------------- throughput
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_throughput(args: argparse.Namespace, shape: BenchShape) -> dict[str, Any]:
+    """Interleaved steptitan-vanilla / bare-FSDP2 runs of the shape's final model, then one alternating-step run."""
+    from steptitan.data import prepare_data
+    from steptitan.experiments.spec import recipe_toml
+    from steptitan.recipe import recipe_from_dict
+
+    folder = Path(args.runs).resolve() / "throughput"
+    folder.mkdir(parents=True, exist_ok=True)
+    van = recipe_file("vanilla")
+    over = {**common(args), **shape.overrides(), **layer_overrides(van, shape), "overwrite": True}
+    data_dict = resolved_recipe(Run("t", {}, over, recipe=van, base_dir=Path.cwd()))
+    recipe = recipe_from_dict(data_dict)
+    data = prepare_data(recipe.data, recipe.model.vocab_size)
+    t = recipe.training
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.world_size}"]
+    bare = ["-m", "steptitan.experiments.bare_fsdp", "--tokens", str(data.train_path), "--dtype", data.dtype,
+            "--dim", str(shape.dim), "--layers", str(shape.layers), "--heads", str(shape.heads), "--vocab", str(shape.vocab),
+            "--ffn", str(shape.ffn), "--batch", str(shape.batch), "--seq-len", str(shape.seq_len), "--lr", str(t.lr)]
+    out: dict[str, Any] = {"steptitan": [], "bare": [], "bare_runs": []}
+    for k in range(args.throughput_rounds):
+        for which in (["bare", "steptitan"] if k % 2 == 0 else ["steptitan", "bare"]):
+            if which == "bare":
+                res_path = folder / f"bare_{k}.json"
+                cmd = [*launcher, f"--master_port={_free_port()}", *bare, "--steps", str(args.throughput_steps),
+                       "--out", str(res_path)]
+                code, wall = runner.run_logged(cmd, folder / f"bare_{k}.log", folder)
+                res = json.loads(res_path.read_text()) if code == 0 else None
+                if res is None:
+                    raise BenchError(f"bare FSDP2 run failed; see {folder / f'bare_{k}.log'}")
+                res.update(wall_s=wall, command=" ".join(cmd))
+                out["bare"].append(res["tokens_per_s"])
+                out["bare_runs"].append(res)
+            else:
+                run_folder = folder / f"steptitan_{k}"
+                toml = folder / f"steptitan_{k}.toml"
+                toml.write_text(recipe_toml({**data_dict, "output_dir": str(run_folder), "stages": [
+                    {**data_dict["stages"][0], "steps": args.throughput_steps}]} | {"training": {
+                        **data_dict["training"], "eval_batches": 1, "steps_per_log": 1000}}))
+                cmd = [*launcher, f"--master_port={_free_port()}", "-m", "steptitan.train", str(toml)]
+                code, _ = runner.run_logged(cmd, folder / f"steptitan_{k}.log", folder)
+                if code != 0:
+                    raise BenchError(f"steptitan throughput run failed; see {folder / f'steptitan_{k}.log'}")
+                out["steptitan"].append(read_summary(run_folder)["stages"][0]["step_tokens_per_s"])
+            log(f"throughput round {k} {which}: {out[which][-1]:,.0f} tok/s")
+    if args.ab_steps:
+        toml = folder / "ab.toml"
+        toml.write_text(recipe_toml({**data_dict, "output_dir": str(folder / "ab_steptitan")}))
+        res_path = folder / "ab.json"
+        cmd = [*launcher, f"--master_port={_free_port()}", *bare, "--steps", str(args.ab_steps), "--out", str(res_path),
+               "--ab", str(toml)]
+        code, wall = runner.run_logged(cmd, folder / "ab.log", folder)
+        if code != 0:
+            raise BenchError(f"alternating-step run failed; see {folder / 'ab.log'}")
+        out["ab"] = {**json.loads(res_path.read_text()), "wall_s": wall, "command": " ".join(cmd)}
+        log(f"throughput A/B: steptitan {out['ab']['steptitan_tokens_per_s']:,.0f} vs bare {out['ab']['tokens_per_s']:,.0f} tok/s")
+    return out
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="steptitan bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated recipe names or recipe files (default: all)")
+    ap.add_argument("--parts", default="memory,quality,throughput")
+    ap.add_argument("--train", default=str(WIKITEXT / "valid.txt"), help="training text (default: WikiText-2 valid.txt)")
+    ap.add_argument("--val", default=str(WIKITEXT / "test.txt"), help="validation text (default: WikiText-2 test.txt)")
+    ap.add_argument("--seeds", type=int, default=3, help="seeds per recipe (0..N-1)")
+    ap.add_argument("--budget-tokens", type=int, default=1_000_000, help="training tokens of vanilla's run; every recipe "
+                    "gets vanilla's training FLOPs")
+    ap.add_argument("--world-size", type=int, default=2, help="torchrun processes per run")
+    shape = ap.add_argument_group("the benchmark shape (final model of every recipe)")
+    shape.add_argument("--dim", type=int, default=256)
+    shape.add_argument("--layers", type=int, default=12)
+    shape.add_argument("--heads", type=int, default=4)
+    shape.add_argument("--vocab", type=int, default=2048)
+    shape.add_argument("--ffn", type=int, default=688)
+    shape.add_argument("--seq-len", type=int, default=128)
+    shape.add_argument("--batch", type=int, default=8, help="sequences per rank per step")
+    shape.add_argument("--allow-small-blocks", action="store_true",
+                       help=f"allow a shape whose blocks hold < {MIN_BLOCK_FRACTION:.0%} of the parameters")
+    ap.add_argument("--evals", type=int, default=10, help="evaluations per quality run (every ~1/N of its steps)")
+    ap.add_argument("--eval-batches", type=int, default=16, help="validation batches per rank (same blocks for every run)")
+    ap.add_argument("--mem-steps", type=int, default=3, help="steps per stage in the memory runs")
+    ap.add_argument("--throughput-rounds", type=int, default=3)
+    ap.add_argument("--throughput-steps", type=int, default=30)
+    ap.add_argument("--ab-steps", type=int, default=60, help="steps of each loop in the alternating A/B run (0 = skip)")
+    ap.add_argument("--runs", default="runs/bench", help="run folders (a re-run skips finished ones)")
+    ap.add_argument("--cache", default="~/.cache/steptitan")
+    ap.add_argument("--out", default=str(CHECKOUT / "BENCHMARKS.md"))
+    ap.add_argument("--plots", default=None, help="plot folder (default: docs/bench beside --out)")
+    ap.add_argument("--notes", default=str(CHECKOUT / "docs" / "bench" / "notes.md"), help="appended to the report")
+    ap.add_argument("--report-only", action="store_true", help="rewrite the report from the finished runs; run nothing")
+    ap.add_argument("--rerun-stale", action="store_true", help="re-run runs whose folder was made with another recipe")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    args.recipes = [r for r in args.recipes.split(",") if r]
+    if "vanilla" not in args.recipes:
+        args.recipes.insert(0, "vanilla")  # every ratio is to vanilla
+    args.plots = args.plots or str(Path(args.out).resolve().parent / "docs" / "bench")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from steptitan.experiments.bench_report import write_report
+
+    args = parse_args(argv)
+    shape = BenchShape(args.dim, args.layers, args.heads, args.vocab, args.ffn, args.seq_len, args.batch)
+    command = "steptitan bench " + " ".join(sys.argv[1:] if argv is None else argv)
+    try:
+        frac = check_shape(shape, args.allow_small_blocks)
+        for f in (args.train, args.val):
+            if not Path(f).is_file():
+                raise BenchError(f"data file {f!r} does not exist (--train / --val; default WikiText-2 in {WIKITEXT})")
+        quality, memory, facts = plan_runs(args, shape)
+    except (BenchError, SweepError, ValueError) as exc:
+        print(f"bench: error: {exc}", file=sys.stderr)
+        return 2
+    parts = set(args.parts.split(","))
+    meta_path = Path(args.runs) / "bench.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    t0 = time.perf_counter()
+    failed = 0
+    if not args.report_only:
+        log(f"shape: dim {shape.dim}, {shape.layers} layers, vocab {shape.vocab} (blocks {frac:.1%} of the parameters); "
+            f"budget {facts['budget_flops']:.3e} FLOPs = vanilla's {facts['vanilla_steps']} steps x "
+            f"{facts['tokens_per_step']:,} tokens")
+        try:
+            for name, sweep in (("memory", memory), ("quality", quality)):
+                if name in parts:
+                    result = runner.run_sweep(sweep, progress=not args.no_progress, rerun_stale=args.rerun_stale)
+                    runner.print_report(sweep, result)
+                    failed += len(result["failed"])
+            if "throughput" in parts:
+                meta["throughput"] = run_throughput(args, shape)
+        except (runner.Interrupted, KeyboardInterrupt) as exc:
+            print(f"bench: stopped by {exc or 'SIGINT'}; run the same command again to continue", file=sys.stderr)
+            return 130
+        except (BenchError, SweepError) as exc:
+            print(f"bench: error: {exc}", file=sys.stderr)
+            return 2
+        meta.update(command=command.strip(), wall_s=time.perf_counter() - t0)
+        meta_path.parent.mkdir(parents=True, exist_ok=True)
+        meta_path.write_text(json.dumps(meta, indent=1, default=str))
+    write_report(args, shape, frac, facts, collect(quality), collect(memory), meta)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""The run folder's safety rules: one live run per folder (a lock), what may be reused, resumed or deleted.
+
+Layout of ``<output_dir>`` (everything steptitan writes there)::
+
+    .steptitan.lock       flock'ed by rank 0 for the run's lifetime; holds pid, host, start time
+    .steptitan-run.json   the run marker: written at run start, status "running" -> "finished"
+    recipe.json           the resolved recipe (tools/export_hf.py, tools/sweep.py rebuild the model from it)
+    checkpoints/ tb/ summary.json
+
+Rules (docs/reliability.md section 6), all checked before any process group starts:
+
+* a folder with the marker but no checkpoint (an attempt that stopped early,
+  e.g. on a data error) starts afresh;
+* a finished run (marker says finished and summary.json exists) is left untouched:
+  ``finished_message`` makes every rank stop at once with "already finished";
+* a second launch into a folder whose lock is held is refused at once, naming the holder;
+* ``overwrite=true`` deletes only what steptitan wrote: a folder with the marker or
+  with nothing but steptitan's layout; anything else is refused;
+* resuming (``auto`` or an explicit ``checkpoint.resume=<path>``) requires the
+  checkpoint's plan fingerprint to match this recipe's plan.
+"""
+
+from __future__ import annotations
+
+import datetime
+import fcntl
+import json
+import os
+import shutil
+import socket
+from pathlib import Path
+from typing import Any
+
+from steptitan.checkpoint import newest_intact, read_checkpoint
+from steptitan.plan import StagePlan, plan_fingerprint
+from steptitan.recipe import Recipe, RecipeError, to_dict
+
+LOCK_NAME = ".steptitan.lock"
+MARKER_NAME = ".steptitan-run.json"
+# Names steptitan writes into a run folder (a folder holding only these is a steptitan run folder).
+LAYOUT = {LOCK_NAME, MARKER_NAME, "recipe.json", "checkpoints", "tb", "wandb", "summary.json", "summary.json.tmp"}
+
+
+class RunDirError(RecipeError):
+    """The output folder cannot be used; found before any process group starts (exit code 2)."""
+
+
+def _now() -> str:
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def read_marker(run_dir: Path) -> dict[str, Any] | None:
+    try:
+        marker = json.loads((run_dir / MARKER_NAME).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return marker if isinstance(marker, dict) else None
+
+
+def _write_json(path: Path, obj: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def finished_message(recipe: Recipe) -> str | None:
+    """"already finished" text when the run folder holds this finished run (and overwrite is off), else None.
+
+    Every rank calls this (a cheap read): under torchrun every rank must leave
+    on its own, since a rank that exits 0 does not make torchrun stop its peers.
+    """
+    run_dir = recipe.run_dir
+    marker = read_marker(run_dir) if run_dir.is_dir() else None
+    if recipe.overwrite or not marker or marker.get("status") != "finished" or not (run_dir / "summary.json").is_file():
+        return None
+    return (f"run {recipe.name!r} in {run_dir} already finished ({marker.get('finished', '?')}); "
+            f"summary.json and the logs are left untouched. Pass overwrite=true to train it again from scratch, "
+            f"or delete summary.json to re-run its last stage end from the newest checkpoint")
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``<run>/.steptitan.lock`` held until the process exits.
+
+    The kernel drops the lock when the holder dies, however it dies, so a
+    stale lock file never blocks a later run.
+    """
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / LOCK_NAME
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)  # no O_TRUNC: the holder's info stays
+        except OSError as exc:
+            raise RunDirError(f"cannot write to output folder {run_dir}: {exc.strerror} "
+                              f"(is it read-only?); choose another output_dir=") from None
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 4096, 0).decode(errors="replace")
+            os.close(self.fd)
+            try:
+                info = json.loads(holder)
+                who = f"pid {info['pid']} on host {info['host']}, started {info['started']}"
+            except (ValueError, KeyError, TypeError):
+                who = "a process that has not written its details yet"
+            raise RunDirError(f"output folder {run_dir} is in use by another steptitan run ({who}); wait for it "
+                              f"to finish or stop it, or choose another name= / output_dir=") from None
+        info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": _now()})
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, info.encode(), 0)
+
+    def release(self) -> None:
+        os.close(self.fd)  # closing the only descriptor drops the flock
+
+
+def _foreign_entries(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in run_dir.iterdir() if p.name not in LAYOUT)
+
+
+def _delete_run(run_dir: Path) -> None:
+    """``overwrite=true``: remove steptitan's own entries (never the lock we hold, never foreign files)."""
+    foreign = _foreign_entries(run_dir)
+    if read_marker(run_dir) is None and foreign:
+        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise RunDirError(f"overwrite=true refuses to delete {run_dir}: it is not a steptitan run folder "
+                          f"(no {MARKER_NAME}, and it holds {shown}); check output_dir=, or delete it yourself")
+    for entry in run_dir.iterdir():
+        if entry.name in LAYOUT and entry.name != LOCK_NAME:
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+
+
+def _check_fingerprint(theirs: str | None, plans: list[StagePlan], what: str) -> None:
+    if theirs is not None and theirs != plan_fingerprint(plans):
+        raise RunDirError(
+            f"{what} holds checkpoints of a different stage plan (shapes, growth, PEFT or freezing differ from "
+            f"this recipe's); resuming would load them into the wrong model. Choose another name= / output_dir= "
+            f"or checkpoint.resume=, or pass overwrite=true")
+
+
+def prepare_run_dir(recipe: Recipe, plans: list[StagePlan]) -> RunLock:
+    """Rank 0, before the process group: lock the folder, apply the reuse rules, write the marker and recipe.json.
+
+    Returns the held lock (keep it referenced for the run's lifetime).
+    """
+    run_dir = recipe.run_dir
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"output folder {run_dir} is a file, not a folder; choose another name= / output_dir=")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunDirError(f"cannot create output folder {run_dir}: {exc.strerror}; choose another output_dir=") from None
+    lock = RunLock(run_dir)  # before looking inside: a second launch must not see a half-deleted folder
+    try:
+        _apply_reuse_rules(recipe, plans)
+        _write_json(run_dir / MARKER_NAME, {"status": "running", "started": _now(), "host": socket.gethostname(),
+                                            "pid": os.getpid(), "plan_fingerprint": plan_fingerprint(plans)})
+        # The resolved recipe beside the checkpoints: tools/export_hf.py and
+        # tools/sweep.py rebuild a run's model from it, even for a dead run.
+        (run_dir / "recipe.json").write_text(json.dumps(to_dict(recipe), indent=1))
+    except OSError as exc:
+        lock.release()
+        raise RunDirError(f"cannot write to output folder {run_dir}: {exc}; choose another output_dir=") from None
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _apply_reuse_rules(recipe: Recipe, plans: list[StagePlan]) -> None:
+    run_dir = recipe.run_dir
+    resume = recipe.checkpoint.resume
+    if resume not in ("auto", "never"):  # an explicit checkpoint: validate it and its plan now, not after init
+        try:
+            info = read_checkpoint(Path(os.path.expanduser(resume)))
+        except ValueError as exc:
+            raise RunDirError(str(exc)) from None
+        _check_fingerprint(info.meta.get("plan_fingerprint"), plans, f"checkpoint.resume={resume!r}")
+    if recipe.overwrite:
+        _delete_run(run_dir)
+        return
+    if not [p for p in run_dir.iterdir() if p.name != LOCK_NAME]:
+        return
+    ckpt_dir = run_dir / "checkpoints"
+    has_ckpt = ckpt_dir.is_dir() and any(ckpt_dir.iterdir())
+    if not has_ckpt and read_marker(run_dir) is not None and not (run_dir / "summary.json").exists():
+        _delete_run(run_dir)  # our own attempt that stopped before its first checkpoint (e.g. a data error)
+        return
+    if has_ckpt and resume == "auto":
+        found = newest_intact(ckpt_dir)
+        _check_fingerprint(found.meta.get("plan_fingerprint") if found else None, plans, f"output folder {run_dir}")
+    elif not (has_ckpt and resume != "never"):
+        raise RunDirError(
+            f"output folder {run_dir} already holds a run with no checkpoint to resume from; "
+            f"choose another name= / output_dir=, or pass overwrite=true"
+            if not has_ckpt else
+            f"output folder {run_dir} holds checkpoints but checkpoint.resume=never; pass overwrite=true to start afresh"
+        )
+
+
+def mark_finished(run_dir: Path) -> None:
+    """Rank 0, after summary.json is written: a re-run of this command now says "already finished"."""
+    marker = read_marker(run_dir) or {}
+    _write_json(run_dir / MARKER_NAME, {**marker, "status": "finished", "finished": _now()})

@@ -1,0 +1,138 @@
+"""steptitan bench (tools/bench.py): seed statistics against independent references, the 85% shape rule,
+the equal-FLOP schedule, and a real tiny benchmark that is resumed seed by seed and re-reported."""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from steptitan.experiments import bench, stats
+
+# Student's t 97.5% quantiles from printed tables (NIST/SEMATECH e-Handbook, Table 1.3.6.7.2).
+T975_TABLE = {1: 12.706, 2: 4.303, 4: 2.776, 9: 2.262, 29: 2.045, 40: 2.021, 100: 1.984}
+
+
+@pytest.mark.parametrize("df, expected", sorted(T975_TABLE.items()))
+def test_t_quantile_matches_printed_tables(df, expected):
+    assert stats.t975(df) == pytest.approx(expected, abs=6e-4)
+
+
+def test_paired_ratio_and_interval_against_a_numpy_reference():
+    rng = np.random.default_rng(7)
+    vanilla = {s: float(v) for s, v in enumerate(rng.uniform(5.0, 6.0, 5))}
+    recipe = {s: v * float(rng.uniform(0.97, 1.05)) for s, v in vanilla.items()}
+    recipe[99] = 1.0  # a seed vanilla does not have is not paired
+    pr = stats.paired_ratio(recipe, vanilla)
+    ratios = np.array([recipe[s] / vanilla[s] for s in range(5)])
+    half = 2.776 * ratios.std(ddof=1) / math.sqrt(5)  # t(0.975, 4) from the printed table
+    assert pr.seeds == list(range(5))
+    assert pr.mean == pytest.approx(ratios.mean(), rel=1e-12)
+    assert pr.low == pytest.approx(ratios.mean() - half, rel=1e-4)
+    assert pr.high == pytest.approx(ratios.mean() + half, rel=1e-4)
+    assert pr.no_difference == (pr.low <= 1.0 <= pr.high)
+
+
+def test_no_difference_label_and_single_seed():
+    same = stats.paired_ratio({0: 5.0, 1: 5.2, 2: 4.9}, {0: 5.01, 1: 5.18, 2: 4.91})
+    assert same.no_difference
+    worse = stats.paired_ratio({0: 5.5, 1: 5.72, 2: 5.39}, {0: 5.0, 1: 5.2, 2: 4.9})  # 1.10 every seed
+    assert worse.low > 1.0 and not worse.no_difference
+    one = stats.paired_ratio({0: 5.5}, {0: 5.0})
+    assert one.mean == 1.1 and one.low is None and not one.no_difference
+    mean, sd = stats.mean_sd([5.0, 5.2, 4.9])
+    assert mean == statistics.fmean([5.0, 5.2, 4.9]) and sd == pytest.approx(np.std([5.0, 5.2, 4.9], ddof=1))
+
+
+def test_flops_to_reach_is_the_first_eval_at_or_below_the_target():
+    a = [(1.0, 6.0), (2.0, 5.4), (3.0, 5.1), (4.0, 5.0)]
+    b = [(1.0, 6.2), (2.0, 5.2), (3.0, 5.3), (4.0, 5.1)]
+    curve = stats.mean_curve([a, b])
+    assert np.allclose(curve, [(1.0, 6.1), (2.0, 5.3), (3.0, 5.2), (4.0, 5.05)], rtol=1e-12)
+    assert stats.flops_to_reach(curve, 5.31) == 2.0
+    assert stats.flops_to_reach(curve, 5.0) is None
+
+
+def _block_share(dim: int, layers: int, vocab: int, ffn: int) -> float:
+    block = 4 * dim * dim + 3 * dim * ffn + 2 * dim  # wq wk wv wo, w1 w2 w3, two norms (no GQA)
+    return layers * block / (layers * block + 2 * vocab * dim + dim)
+
+
+def test_shape_rule_refuses_a_shape_whose_blocks_hold_under_85_percent():
+    default = bench.BenchShape(dim=256, layers=12, heads=4, vocab=2048, ffn=688, seq_len=128, batch=8)
+    assert bench.check_shape(default) == pytest.approx(_block_share(256, 12, 2048, 688), rel=1e-12)
+    small = bench.BenchShape(dim=128, layers=6, heads=4, vocab=2048, ffn=352, seq_len=128, batch=8)
+    assert _block_share(128, 6, 2048, 352) < 0.85
+    with pytest.raises(bench.BenchError, match="--allow-small-blocks"):
+        bench.check_shape(small)
+    assert bench.check_shape(small, allow_small_blocks=True) == pytest.approx(_block_share(128, 6, 2048, 352))
+    assert bench.main(["--dim", "128", "--layers", "6", "--ffn", "352", "--report-only"]) == 2
+
+
+def test_every_recipe_gets_vanillas_flops_on_the_bench_shape(tmp_path):
+    shape = bench.BenchShape(dim=64, layers=6, heads=2, vocab=512, ffn=176, seq_len=32, batch=2)
+    text = tmp_path / "t.txt"
+    text.write_text("x")
+    args = bench.parse_args(["--recipes", "vanilla,step3,step_relora", "--seeds", "2", "--budget-tokens", "4096",
+                             "--world-size", "2", "--train", str(text), "--val", str(text), "--runs", str(tmp_path / "r"),
+                             "--dim", "64", "--layers", "6", "--heads", "2", "--vocab", "512", "--ffn", "176",
+                             "--seq-len", "32", "--batch", "2"])
+    quality, memory, facts = bench.plan_runs(args, shape)
+    assert facts["tokens_per_step"] == 2 * 2 * 32 and facts["vanilla_steps"] == 4096 // 128
+    assert [r.name for r in quality.runs] == ["vanilla,seed=0", "vanilla,seed=1", "step3,seed=0", "step3,seed=1",
+                                             "step_relora,seed=0", "step_relora,seed=1"]
+    from steptitan.experiments.spec import resolved_recipe
+    from steptitan.flops import stage_flops_per_token
+    from steptitan.plan import build_plan
+    from steptitan.recipe import recipe_from_dict
+
+    for run in quality.runs[::2]:
+        recipe = recipe_from_dict(resolved_recipe(run))
+        plans = build_plan(recipe)
+        assert plans[-1].shape.n_layers == 6 and plans[-1].shape.dim == 64 and recipe.data.files == [str(text)]
+        flops = sum(stage_flops_per_token(p, 32).total * 128 * p.steps for p in plans)
+        # within one step of the most expensive stage of the budget (rounding of each stage's steps)
+        worst_step = max(stage_flops_per_token(p, 32).total * 128 for p in plans)
+        assert abs(flops - facts["budget_flops"]) <= len(plans) * worst_step
+    assert [p.shape.n_layers for p in build_plan(recipe_from_dict(resolved_recipe(quality.runs[2])))] == [2, 4, 6]
+    assert [r.name for r in memory.runs] == ["vanilla", "step3", "step_relora"]
+    assert all(r.overrides["training.dtype"] == "bfloat16" for r in memory.runs)
+
+
+@pytest.mark.dist
+def test_tiny_benchmark_resumes_seed_by_seed_and_reports_again(tmp_path):
+    from steptitan.data import stdlib_docstrings
+
+    text = "\n\n".join(stdlib_docstrings()[:300])
+    (tmp_path / "train.txt").write_text(text[:40000])
+    (tmp_path / "val.txt").write_text(text[40000:50000])
+    out = tmp_path / "B.md"
+    common = ["--recipes", "vanilla", "--parts", "quality", "--budget-tokens", "512", "--world-size", "1",
+              "--train", str(tmp_path / "train.txt"), "--val", str(tmp_path / "val.txt"), "--runs", str(tmp_path / "runs"),
+              "--cache", str(tmp_path / "cache"), "--out", str(out), "--notes", "", "--no-progress",
+              "--dim", "32", "--layers", "2", "--heads", "2", "--vocab", "512", "--ffn", "96", "--seq-len", "16",
+              "--batch", "2", "--eval-batches", "1", "--allow-small-blocks"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def bench_cli(*extra):
+        return subprocess.run([sys.executable, "-m", "steptitan", "bench", *common, *extra], capture_output=True,
+                              text=True, env=env, timeout=300, cwd=tmp_path)
+
+    first = bench_cli("--seeds", "1")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "1 runs, 0 finished earlier, 1 to run" in first.stdout
+    second = bench_cli("--seeds", "2")  # seed 0 is finished: only seed 1 runs
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "2 runs, 1 finished earlier, 1 to run" in second.stdout
+    report = out.read_text()
+    row = next(line for line in report.splitlines() if line.startswith("| vanilla |"))
+    assert "| 2 |" in row and "1 (the reference)" in row
+    out.unlink()
+    again = bench_cli("--seeds", "2", "--report-only")
+    assert again.returncode == 0 and out.read_text() == report
+    assert (tmp_path / "docs" / "bench" / "loss_vs_flops.png").read_bytes()[:4] == b"\x89PNG"

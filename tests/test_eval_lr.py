@@ -1,0 +1,107 @@
+"""The trainer's validation loss (a fixed set of blocks at any world size) and its logged LR (the LR the step used).
+
+Both run the real Trainer on real gloo process groups (tests/conftest.py run_distributed).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import run_distributed
+
+SHAPE = {"dim": 16, "n_layers": 2, "n_heads": 2, "vocab_size": 97, "ffn_hidden": 40}
+
+
+def _recipe_dict(out_dir: str, **training) -> dict:
+    return {"name": "evallr", "output_dir": out_dir, "model": SHAPE,
+            "training": {"batch_size": 4, "seq_len": 16, **training},
+            "checkpoint": {"enabled": False}, "stages": [{"name": "s0", "steps": 6}]}
+
+
+def _trainer(env, recipe_dict):
+    from test_memory import _RandomTokens
+
+    from steptitan.plan import build_plan
+    from steptitan.recipe import recipe_from_dict
+    from steptitan.trainer import Trainer
+
+    recipe = recipe_from_dict(recipe_dict)
+    return Trainer(recipe, build_plan(recipe), _RandomTokens(recipe.model.vocab_size), env)
+
+
+@torch.no_grad()
+def _evaluate_fixed_weights(env, recipe_dict):
+    """Evaluate one set of weights, drawn here in full from a seeded generator (independent of the
+    world size and of the init code); on 1 rank also the reference: the mean per-block loss of the
+    first eval_batches x batch_size validation blocks, computed block by block."""
+    from steptitan.distributed import local_part, local_tensor
+
+    trainer = _trainer(env, recipe_dict)
+    plan = trainer.plans[0]
+    model = trainer.build_stage_model(plan)
+    g = torch.Generator().manual_seed(7)
+    for _, p in sorted(model.named_parameters()):
+        full = torch.randn(p.shape, generator=g) * (0.5 if p.dim() > 1 else 0.1) + (1.0 if p.dim() == 1 else 0.0)
+        local_tensor(p).copy_(local_part(full, p))
+    val = trainer.evaluate(plan, model, 0)
+    reference = None
+    if env.world_size == 1:
+        n = recipe_dict["training"]["eval_batches"] * recipe_dict["training"]["batch_size"]
+        losses = []
+        for i in range(n):
+            block = torch.from_numpy(trainer.val_data.block(i).astype("int64"))[None]
+            losses.append(F.cross_entropy(model(block[:, :-1])[0].float(), block[0, 1:]).item())
+        reference = sum(losses) / n
+    trainer.metrics.close()
+    return val, reference
+
+
+@pytest.mark.dist
+def test_val_loss_is_the_same_on_1_and_2_ranks(tmp_path):
+    """Issue 11: eval_batches counted batches per rank, so 2 ranks evaluated twice the blocks of 1 rank.
+    eval_batches=3, batch 4: 12 blocks; on 2 ranks 2 rounds of 2 x 4 slots, the last 4 padding."""
+    d = _recipe_dict(str(tmp_path / "run"), eval_batches=3)
+    (one, reference), = run_distributed(_evaluate_fixed_weights, 1, recipe_dict=d)
+    two = run_distributed(_evaluate_fixed_weights, 2, recipe_dict=d)
+    assert two[0][0] == two[1][0]  # all-reduced: every rank reports the same
+    assert one == pytest.approx(reference, rel=1e-6, abs=1e-6)
+    assert two[0][0] == pytest.approx(one, rel=1e-6, abs=1e-6)
+
+
+def _logged_lrs(env, recipe_dict):
+    trainer = _trainer(env, recipe_dict)
+    logged = {}
+    scalars = trainer.metrics.scalars
+
+    def capture(values, step):
+        if "lr" in values:
+            logged[step] = values["lr"]
+        scalars(values, step)
+
+    trainer.metrics.scalars = capture
+    trainer.run()
+    return logged
+
+
+def test_logged_lr_is_the_lr_the_step_used(tmp_path):
+    """Issue 11: the scheduler stepped before log_step read it, so step s logged step s+1's LR. Expected
+    values come from the schedule's definition (torchtitan 0.2.2: linear warm-up, one stable step, then
+    linear decay to min_lr_factor over T - W steps), 1-based: step s <= W runs at lr s / W, step W + 1 at lr,
+    step s > W + 1 at lr (f + (1 - f)(1 - (s - W - 1) / (T - W)))."""
+    lr, warmup, total, floor = 1e-3, 3, 6, 0.1
+    d = _recipe_dict(str(tmp_path / "run"), lr=lr, warmup_steps=warmup, decay_type="linear", min_lr_factor=floor,
+                     steps_per_log=1, eval_batches=1)
+    logged, = run_distributed(_logged_lrs, 1, recipe_dict=d)
+
+    def expected(s: int) -> float:
+        if s <= warmup:
+            return lr * s / warmup
+        return lr * (floor + (1 - floor) * (1 - (s - warmup - 1) / (total - warmup)))
+
+    assert sorted(logged) == list(range(1, total + 1))
+    for s in range(1, total + 1):
+        assert math.isclose(logged[s], expected(s), rel_tol=1e-9), (s, logged[s], expected(s))

@@ -1,0 +1,249 @@
+"""Run folders and hostile inputs with real processes (issue 12): already-finished runs, overwrite safety,
+the output-folder lock, checkpoint.resume=<path> checks, a full disk, huge corpora and shapes, bad encodings,
+unusable output folders, and one lock per data-cache entry.
+
+Runs are ``python -m steptitan.train`` (one process) or torchrun launches (2 gloo ranks) of recipes/step.toml
+shrunk to seconds; every "refused" case must end with exit code 2 and one ``steptitan: error:`` line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from test_reliability import finish, launch, rank_pids, tiny_args, wait_for
+
+pytestmark = pytest.mark.dist
+
+
+def tiny_one_rank(cache_dir: Path, run_dir: Path, *extra: str) -> list[str]:
+    """A single-process run of a few seconds: 2 + 2 steps, stage ends checkpointed."""
+    return tiny_args(cache_dir, run_dir, "stages.0.steps=2", "stages.1.steps=2", "training.batch_size=4",
+                     "checkpoint.interval=0", *extra)
+
+
+def run(args: list[str], tmp: Path, timeout: float = 240, prefix: list[str] | None = None, **env: str):
+    cmd = [*(prefix or []), sys.executable, "-m", "steptitan.train", *args]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "STEPTITAN_PID_DIR": str(tmp / "hooks"), **env}
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    return proc.returncode, proc.stdout + proc.stderr, time.monotonic() - t0
+
+
+def one_error(out: str) -> str:
+    lines = [line for line in out.splitlines() if line.startswith("steptitan: error")]
+    assert len(lines) == 1 and "Traceback" not in out, out[-3000:]
+    return lines[0]
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# --------------------------------------------------------------------------- run folders
+
+
+def test_rerunning_a_finished_run_leaves_it_untouched(tmp_path, cache_dir):
+    run_dir = tmp_path / "run"
+    code, out, _ = run(tiny_one_rank(cache_dir, run_dir), tmp_path)
+    assert code == 0, out[-3000:]
+    before = tree(run_dir)
+    assert "summary.json" in before and any(k.startswith("tb/") for k in before)
+    code, out, _ = run(tiny_one_rank(cache_dir, run_dir), tmp_path)
+    assert code == 0 and "already finished" in out, out[-3000:]
+    assert tree(run_dir) == before  # summary.json, TensorBoard events, checkpoints: byte for byte
+
+
+def test_overwrite_deletes_only_steptitan_folders(tmp_path, cache_dir):
+    foreign = tmp_path / "home"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("years of work")
+    (foreign / "checkpoints").mkdir()
+    code, out, _ = run(tiny_one_rank(cache_dir, foreign, "overwrite=true"), tmp_path)
+    assert code == 2 and "overwrite=true refuses to delete" in one_error(out) and "thesis.tex" in out, out[-3000:]
+    assert (foreign / "thesis.tex").read_text() == "years of work" and (foreign / "checkpoints").is_dir()
+    # A folder steptitan wrote (its marker) is deleted and trained afresh.
+    mine = tmp_path / "mine"
+    assert run(tiny_one_rank(cache_dir, mine), tmp_path)[0] == 0
+    stale = mine / "checkpoints" / "stage07-step000001"
+    stale.mkdir()
+    code, out, _ = run(tiny_one_rank(cache_dir, mine, "overwrite=true"), tmp_path)
+    assert code == 0 and not stale.exists() and "already finished" not in out, out[-3000:]
+
+
+def test_second_launch_into_a_running_folder_is_refused_at_once(tmp_path, cache_dir):
+    """Two torchrun launches, one output folder: the second is refused naming the holder; the first is unharmed."""
+    run_dir = tmp_path / "run"
+    first = launch(tiny_args(cache_dir, run_dir), tmp_path / "hooks1", STEPTITAN_PAUSE_AT="step:0:2")
+    for rank in (0, 1):
+        wait_for(tmp_path / "hooks1" / f"paused-rank{rank}", first)
+    holder = rank_pids(tmp_path / "hooks1")[0]
+    try:
+        t0 = time.monotonic()
+        second = launch(tiny_args(cache_dir, run_dir), tmp_path / "hooks2")
+        out = finish(second, timeout=120)
+        elapsed = time.monotonic() - t0
+        assert second.returncode != 0, out[-3000:]
+        assert f"is in use by another steptitan run (pid {holder} on host" in out, out[-3000:]
+        assert "exitcode  : 2" in out, out[-3000:]
+        assert not (run_dir / "checkpoints" / ".tmp-stage00-step000001").exists()
+        assert first.poll() is None, "the first run must be left alone"
+        print(f"second launch into a locked folder: refused, all its processes gone {elapsed:.1f}s after launch")
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.communicate()
+
+
+def test_resume_path_from_another_plan_is_refused_before_any_process_group(tmp_path, cache_dir):
+    other = tmp_path / "other"
+    assert run(tiny_one_rank(cache_dir, other), tmp_path)[0] == 0
+    ckpt = other / "checkpoints" / "stage00-step000002"
+    code, out, elapsed = run(tiny_one_rank(cache_dir, tmp_path / "run", "model.n_heads=2",
+                                           f"checkpoint.resume={ckpt}"), tmp_path)
+    assert code == 2 and "holds checkpoints of a different stage plan" in one_error(out), out[-3000:]
+    assert "size mismatch" not in out
+    code, out, _ = run(tiny_one_rank(cache_dir, tmp_path / "run2", f"checkpoint.resume={tmp_path / 'nope'}"), tmp_path)
+    assert code == 2 and "no such checkpoint folder" in one_error(out), out[-3000:]
+
+
+# --------------------------------------------------------------------------- a full disk
+
+
+def _in_small_tmpfs(mount: Path, size: str) -> list[str]:
+    """Run the command in a private mount namespace with a tmpfs of ``size`` at ``mount`` (no root on the host needed)."""
+    if subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode != 0:
+        pytest.skip("unshare -rm (user + mount namespaces) is not allowed here")
+    mount.mkdir(parents=True, exist_ok=True)
+    return ["unshare", "-rm", "sh", "-c", f'mount -t tmpfs -o size={size} tmpfs "{mount}" && exec "$0" "$@"']
+
+
+@pytest.mark.slow
+def test_full_disk_prunes_before_saving_and_names_the_problem(tmp_path, cache_dir):
+    """A real 6.4 MB filesystem, checkpoints of 2.2 MB (stage 0) and 3.5 MB (stage 1), keep_last=2: pruning only
+    after a save needs room for three and hits ENOSPC at the third save, every time; pruning first when the
+    free space is short lets the run finish."""
+    mount = tmp_path / "disk"
+    args = tiny_one_rank(cache_dir, mount / "run", "model.dim=32", "model.vocab_size=1024", "checkpoint.interval=1",
+                         "checkpoint.keep_last=2", "stages.0.steps=5", "stages.1.steps=1")
+    code, out, _ = run(args, tmp_path, prefix=_in_small_tmpfs(mount, "6400k"))
+    assert code == 0, out[-3000:]
+    # A disk too small for one checkpoint: one clear message naming the disk space, exit 3.
+    code, out, _ = run(args, tmp_path, prefix=_in_small_tmpfs(mount, "1000k"))
+    assert code == 3 and "not enough disk space for a checkpoint" in one_error(out), out[-3000:]
+    assert "No space left on device" in out
+
+
+# --------------------------------------------------------------------------- hostile inputs
+
+
+def _small(tmp_path: Path, *extra: str) -> list[str]:
+    return ["recipes/step.toml", f"output_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}",
+            "model.vocab_size=300", "training.seq_len=16", "training.batch_size=2", *extra]
+
+
+def test_huge_corpus_is_streamed_and_stops_at_max_chars(tmp_path):
+    """A 400 MB text file with data.max_chars=200000: reading stops early (time and memory bounded);
+    progress lines appear while the tokenizer and token files are prepared."""
+    big = tmp_path / "big.txt"
+    line = ("The quick brown fox jumps over the lazy dog. " * 20 + "\n").encode()
+    with open(big, "wb") as fh:
+        block = line * (1 << 20 // len(line) + 1)
+        while fh.tell() < 400 << 20:
+            fh.write(block)
+    probe = ("import resource, sys, time; from steptitan.recipe import load_recipe; from steptitan.data import prepare_data; "
+             "r = load_recipe('recipes/step.toml', sys.argv[1:]); t = time.monotonic(); prepare_data(r.data, r.model.vocab_size); "
+             "print('SECONDS', time.monotonic() - t, 'MAXRSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", probe, f"data.files=[{big}]", "data.max_chars=200000",
+                          f"data.cache_dir={tmp_path / 'cache'}", "model.vocab_size=300"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    words = out.stdout.split()
+    seconds, rss_kb = float(words[words.index("SECONDS") + 1]), int(words[words.index("MAXRSS_KB") + 1])
+    assert seconds < 60 and rss_kb < 1_500_000, (seconds, rss_kb)  # reading it all: 400 MB of text, ~GBs as str
+    assert "steptitan: data: training a byte-level BPE tokenizer" in out.stderr
+    assert "steptitan: data: tokenizing the corpus" in out.stderr and "tokens ready" in out.stderr
+    print(f"400 MB corpus, max_chars=200000: prepared in {seconds:.1f}s, peak RSS {rss_kb / 1024:.0f} MiB")
+
+
+@pytest.mark.parametrize("case", ["dim", "lora rank"])
+def test_shapes_beyond_the_machines_memory_are_refused_before_starting(tmp_path, case):
+    extra = {"dim": ["model.dim=1048576", "model.n_heads=4"],
+             "lora rank": ["model.dim=128", "stages.1.peft.rank=10000000"]}[case]
+    text = tmp_path / "a.txt"
+    text.write_text("word " * 400)
+    code, out, elapsed = run(_small(tmp_path, f"data.files=[{text}]", *extra), tmp_path, timeout=120)
+    err = one_error(out)
+    assert code == 2 and "GiB per rank" in err and "GiB RAM" in err, out[-3000:]
+    assert not (tmp_path / "cache").exists(), "refused before any data was prepared"
+    import resource
+
+    assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss < 3 << 20, "nothing big was allocated"  # KiB
+
+
+@pytest.mark.parametrize("case", ["latin-1", "binary"])
+def test_non_utf8_text_file_names_the_file_and_the_encoding(tmp_path, case):
+    bad = tmp_path / "corpus.txt"
+    bad.write_bytes("Le café était très bon. ".encode("latin-1") * 200 if case == "latin-1"
+                    else bytes(range(256)) * 50)
+    code, out, _ = run(_small(tmp_path, f"data.files=[{bad}]"), tmp_path, timeout=120)
+    err = one_error(out)
+    assert code == 2 and str(bad) in err, out[-3000:]
+    assert "not UTF-8 text: byte 0xe9 at offset 6" in err if case == "latin-1" else "NUL bytes" in err, err
+
+
+def test_output_dir_that_is_a_file_or_read_only_gets_exit_2(tmp_path):
+    text = tmp_path / "a.txt"
+    text.write_text("word " * 400)
+    a_file = tmp_path / "results.csv"
+    a_file.write_text("x")
+    code, out, _ = run(_small(tmp_path, f"data.files=[{text}]", f"output_dir={a_file}"), tmp_path, timeout=120)
+    assert code == 2 and "is a file, not a folder" in one_error(out), out[-3000:]
+    code, out, _ = run(_small(tmp_path, f"data.files=[{text}]", f"output_dir={a_file}/run"), tmp_path, timeout=120)
+    assert code == 2 and "cannot create output folder" in one_error(out), out[-3000:]
+    ro = tmp_path / "ro"
+    if subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode != 0:
+        pytest.skip("unshare -rm is not allowed here (root ignores chmod, so a read-only mount is needed)")
+    ro.mkdir()
+    prefix = ["unshare", "-rm", "sh", "-c", f'mount -t tmpfs -o ro,size=1m tmpfs "{ro}" && exec "$0" "$@"']
+    code, out, _ = run(_small(tmp_path, f"data.files=[{text}]", f"output_dir={ro}"), tmp_path, timeout=120, prefix=prefix)
+    assert code == 2 and "cannot write to output folder" in one_error(out) and "Read-only" in out, out[-3000:]
+
+
+def test_one_lock_per_data_cache_entry(tmp_path):
+    """Two preparations sharing a cache and a corpus (so one tokenizer folder) but with different validation
+    splits: the second waits for the first's tokenizer lock instead of training into the same folder."""
+    text = tmp_path / "a.txt"
+    text.write_text("some words of text and more words. " * 3000)
+    probe = ("import sys; from steptitan.recipe import load_recipe; from steptitan.data import prepare_data; "
+             "r = load_recipe('recipes/step.toml', sys.argv[1:]); d = prepare_data(r.data, r.model.vocab_size); print('READY', d.tokenizer_dir)")
+    common = [f"data.files=[{text}]", f"data.cache_dir={tmp_path / 'cache'}", "model.vocab_size=300"]
+    env = {**os.environ, "STEPTITAN_PID_DIR": str(tmp_path / "hooks")}
+    first = subprocess.Popen([sys.executable, "-c", probe, *common, "data.val_fraction=0.1"], cwd=REPO, text=True,
+                             env={**env, "STEPTITAN_PAUSE_AT": "tokenizer:0:0"}, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(tmp_path / "hooks" / "paused-rank0", first)
+        second = subprocess.Popen([sys.executable, "-c", probe, *common, "data.val_fraction=0.2"], cwd=REPO, text=True,
+                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        waiting = ""
+        while "waiting for another process" not in waiting:
+            line = second.stdout.readline()
+            assert line and time.monotonic() < deadline, f"the second preparation did not wait:\n{waiting}"
+            waiting += line
+        assert second.poll() is None
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # dies holding the lock, mid-way: the kernel releases it
+        first.communicate()
+    out, _ = second.communicate(timeout=120)
+    assert second.returncode == 0 and "READY" in out, out[-3000:]
+    tokenizers = list((tmp_path / "cache" / "tokenizers").iterdir())
+    assert [p.name.startswith(".tmp-") for p in tokenizers] == [False], tokenizers
