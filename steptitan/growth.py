@@ -317,7 +317,7 @@ def carry_adam_state(op: GrowthOperator, src: nn.Module, src_optimizer: Any, dst
                       if (policy(o) == "copy" if policy is not None else isinstance(o, adam_like))]
     if not dst_optimizers:
         # e.g. GaLore keeps moments in a projected space: nothing here maps onto it
-        log.warning(f"optimizer_state=copy: no optimizer of this stage keeps Adam moments; new state starts fresh")
+        log.warning("optimizer_state=copy: no optimizer of this stage keeps Adam moments; new state starts fresh")
         return 0
     old_state = optimizer_state_of(src_optimizer)
     src_params = dense_params(src, src_shape)

@@ -130,6 +130,22 @@ class TrainingConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """Data-parallel layout, with torchtitan's names and meaning (docs/scale-out.md).
+
+    ``dp_shard`` ranks shard every parameter (FSDP2); ``dp_replicate`` copies of
+    that shard group each train on their own data and all-reduce gradients
+    (HSDP: ``fully_shard`` over a 2-D (replicate, shard) mesh). -1 means "fill":
+    world size / the other degree. The default (1, -1) is one flat shard group
+    over every rank, plain FSDP2. Per-rank memory follows ``dp_shard``, not the
+    world size.
+    """
+
+    dp_replicate: int = _range(1, ge=-1)  # 1 = no replication; -1 = world size / dp_shard
+    dp_shard: int = _range(-1, ge=-1)  # -1 = world size / dp_replicate (torchtitan's default)
+
+
+@dataclass
 class CheckpointConfig:
     enabled: bool = True
     interval: int = _range(0, ge=0)  # steps; 0 = only at stage ends
@@ -177,6 +193,7 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     stages: list[StageConfig] = field(default_factory=list)
 
     @property
@@ -299,11 +316,37 @@ def check_values(recipe: Recipe, rejected: set[str] = frozenset()) -> list[str]:
     if d.files and d.hub:
         errors.append("data: give either data.files or data.hub, not both")
 
+    p = recipe.parallel
+    for key in ("dp_replicate", "dp_shard"):
+        if valid(f"parallel.{key}") and getattr(p, key) == 0:
+            errors.append(f"parallel.{key}: must be >= 1, or -1 (fill with the rest of the world size), got 0")
+    if valid("parallel.dp_replicate", "parallel.dp_shard") and p.dp_replicate == -1 and p.dp_shard == -1:
+        errors.append("parallel: dp_replicate and dp_shard cannot both be -1 (fill); set one of them")
+
     if not recipe.stages and valid("stages"):
         errors.append("stages: a recipe needs at least one [[stages]] entry")
     if recipe.stages and recipe.stages[0].growth:
         errors.append("stages.0.growth: the first stage has nothing to grow from; set its shape in [model]")
     return errors
+
+
+def parallel_degrees(parallel: ParallelConfig, world_size: int, where: str = "the job") -> tuple[int, int]:
+    """(dp_replicate, dp_shard) for ``world_size`` ranks, -1 filled in; RecipeError if they do not multiply
+    to the world size. ``where`` names the world size in the message (e.g. "--world-size 8")."""
+    r, s = parallel.dp_replicate, parallel.dp_shard
+    if r == -1 and s == -1 or 0 in (r, s):  # check_values reports these with the recipe
+        raise RecipeError(f"parallel: dp_replicate={r}, dp_shard={s} is not a layout (each >= 1, at most one -1)")
+    for fill, other, name in ((r, s, "dp_replicate"), (s, r, "dp_shard")):
+        if fill == -1 and world_size % other:
+            raise RecipeError(f"parallel.{name}=-1 fills the world size, but {where} has {world_size} rank(s), "
+                              f"not a multiple of parallel.{'dp_shard' if name == 'dp_replicate' else 'dp_replicate'}"
+                              f"={other}")
+    r = world_size // s if r == -1 else r
+    s = world_size // r if s == -1 else s
+    if r * s != world_size:
+        raise RecipeError(f"parallel.dp_replicate ({r}) x parallel.dp_shard ({s}) = {r * s} ranks, but {where} has "
+                          f"{world_size}; the product must equal the world size (use -1 on one of them to fill)")
+    return r, s
 
 
 def to_dict(recipe: Recipe) -> dict[str, Any]:

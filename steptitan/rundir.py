@@ -73,9 +73,19 @@ def finished_message(recipe: Recipe) -> str | None:
     marker = read_marker(run_dir) if run_dir.is_dir() else None
     if recipe.overwrite or not marker or marker.get("status") != "finished" or not (run_dir / "summary.json").is_file():
         return None
+    if _stage_steps(run_dir) != [stage.steps for stage in recipe.stages]:
+        return None  # the same run asked to train longer (or shorter): resume from its checkpoints instead
     return (f"run {recipe.name!r} in {run_dir} already finished ({marker.get('finished', '?')}); "
             f"summary.json and the logs are left untouched. Pass overwrite=true to train it again from scratch, "
             f"or delete summary.json to re-run its last stage end from the newest checkpoint")
+
+
+def _stage_steps(run_dir: Path) -> list[int] | None:
+    """Steps per stage of the recipe the finished run was trained with (its recipe.json), None if unreadable."""
+    try:
+        return [int(stage["steps"]) for stage in json.loads((run_dir / "recipe.json").read_text())["stages"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 class RunLock:

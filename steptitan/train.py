@@ -124,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"steptitan: {finished}", file=sys.stderr)
             return EXIT_OK
         check_memory_fits(recipe, plans)
-        run_lock = rundir.prepare_run_dir(recipe, plans) if rank == 0 else None  # held until this process exits
+        run_lock = rundir.prepare_run_dir(recipe, plans) if rank == 0 else None  # noqa: F841 -- the lock is held while this reference lives (to the end of main)
         data = prepare_data(recipe.data, recipe.model.vocab_size)
         check_data_fits(recipe, len(data.tokens("train")), len(data.tokens("val")))
     except (RecipeError, DataError, FileExistsError) as exc:

@@ -12,7 +12,7 @@ from conftest import run_distributed
 from steptitan.growth import dense_params
 from steptitan.model import ModelShape
 from steptitan.registry.growth.lemon import expand, param_roles, split_coefficients
-from test_growth import assert_same_function, dense, grow, logits_pair, make, shapes
+from test_growth import assert_same_function, grow, logits_pair, make, shapes
 
 
 @st.composite

@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import json
-import math
 
 import pytest
 import torch
 
 from conftest import run_distributed
-from steptitan.memory import OptimizerSpec, ParamSpec
 from steptitan.optim import OptimizerPlugin, resolve_assignment
 from steptitan.recipe import RecipeError
 from steptitan.registry import OPTIM

@@ -8,7 +8,6 @@ shrunk to seconds; every "refused" case must end with exit code 2 and one ``step
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
