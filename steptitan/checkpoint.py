@@ -160,11 +160,13 @@ def checkpoint_bytes(path: Path) -> int:
 
 
 class Checkpointer:
-    def __init__(self, root: Path, rank: int, world_size: int, keep_last: int = 0):
+    def __init__(self, root: Path, rank: int, world_size: int, keep_last: int = 0, dp_shard: int | None = None):
         self.root = root
         self.rank = rank
         self.world_size = world_size
         self.keep_last = keep_last
+        # HSDP (docs/scale-out.md): rank r holds shard r % dp_shard; replicas of a shard hold the same state.
+        self.dp_shard = dp_shard or world_size
 
     def latest(self) -> CheckpointInfo | None:
         found = list_checkpoints(self.root)
@@ -226,7 +228,8 @@ class Checkpointer:
         faults.pause_point("save", stage, step, self.rank)  # tests: kill a rank mid-save
         _barrier()
         if self.rank == 0:
-            meta = {"stage": stage, "step": step, "world_size": self.world_size, **trainer_state,
+            meta = {"stage": stage, "step": step, "world_size": self.world_size, "dp_shard": self.dp_shard,
+                    **trainer_state,
                     "files": _file_sizes(tmp)}  # every rank's files are complete (barrier); load checks these
             with open(tmp / "meta.json", "w") as fh:
                 json.dump(meta, fh, indent=1)
@@ -279,7 +282,13 @@ class Checkpointer:
 
         Returns ``{"trainer": ..., "peft": ...}``. RNG states are restored only
         when the world size is unchanged (exact resume); otherwise rank 0's
-        trainer/PEFT state is used and RNG streams start afresh.
+        trainer state is used and RNG streams start afresh.
+
+        PEFT state may hold per-shard tensors (SwitchLoRA's candidate pools). With
+        the shard degree unchanged, a rank gets the state saved by the rank that held
+        the same shard (any replica: HSDP replicas are identical). With another shard
+        degree it gets the loaded file's, and each non-empty method state also carries
+        ``"shards"``: the states saved by shard 0, 1, ... of replica 0, to re-shard from.
         """
         state = {
             "model": get_model_state_dict(model),
@@ -294,7 +303,24 @@ class Checkpointer:
         extra = torch.load(info.path / f"extra-rank{self.rank if same_world else 0}.pt", weights_only=False)
         if same_world:
             _set_rng_state(extra["rng"])
-        return {"trainer": extra["trainer"], "peft": extra["peft"]}
+        return {"trainer": extra["trainer"], "peft": self._peft_state(info, extra)}
+
+    def _peft_state(self, info: CheckpointInfo, extra: dict[str, Any]) -> dict[str, Any]:
+        saved_shard = int(info.meta.get("dp_shard", info.meta.get("world_size", 1)))  # before HSDP: flat FSDP2
+        shard = self.rank % self.dp_shard
+        if saved_shard == self.dp_shard:  # rank `shard` is replica 0's holder of this shard
+            same_file = info.meta.get("world_size") == self.world_size or shard == 0
+            return extra["peft"] if same_file else self._read_extra(info, shard)["peft"]
+        peft = extra["peft"]
+        if any(peft.values()):
+            shards = [self._read_extra(info, k)["peft"] for k in range(saved_shard)]
+            peft = {key: {**state, "shards": [s.get(key, {}) for s in shards]} if state else state
+                    for key, state in peft.items()}
+        return peft
+
+    @staticmethod
+    def _read_extra(info: CheckpointInfo, rank: int) -> dict[str, Any]:
+        return torch.load(info.path / f"extra-rank{rank}.pt", weights_only=False)
 
 
 def _is_enospc(exc: BaseException) -> bool:

@@ -9,12 +9,13 @@ from typing import Sequence
 USAGE = """usage: steptitan <command> [args]
 
 commands:
-  train RECIPE.toml [key=value ...] [--dry-run]   run a recipe (single process; use torchrun for more)
+  train RECIPE.toml [key=value ...] [--dry-run]   run a recipe (one process; --nproc-per-node N: N ranks, torchrun in-process)
   list-plugins                                    list growth operators, PEFT methods and optimizers with their options
   plan [--dim D --layers L -K 3 --peft lora ...]  best STEP stage splits by peak memory; --write-recipe; --budget
   sweep SWEEP.toml [--list --check --report-only]  run a sweep of recipes, resumably (docs/sweeps.md)
   bench [--recipes a,b --seeds N --budget-tokens N] the equal-FLOP benchmark over seeds (docs/benchmark.md)
   export CHECKPOINT_OR_RUN OUT_DIR                 a checkpoint as a Hugging Face Llama folder
+  generate CHECKPOINT_OR_RUN --prompt TEXT         sample text from a checkpoint (CPU, one process, no export)
 """
 
 
@@ -43,8 +44,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command == "train":
+        from steptitan.launch import launch, split_nproc
         from steptitan.train import main as train_main
 
+        try:
+            nproc, rest = split_nproc(rest)
+        except ValueError as exc:
+            print(f"steptitan train: error: {exc}", file=sys.stderr)
+            return 2
+        if nproc is not None:
+            launch(nproc, rest)  # does not return
         return train_main(rest)
     if command == "plan":
         from steptitan.planner import plan_cli
@@ -58,6 +67,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from steptitan.experiments.bench import main as bench_main
 
         return bench_main(rest)
+    if command == "generate":
+        from steptitan.generate import main as generate_main
+
+        return generate_main(rest)
     if command == "export":
         from steptitan.export import main as export_main
 

@@ -39,30 +39,75 @@ class DistEnv:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    # The data-parallel layout, read off the mesh: a flat FSDP2 mesh ("dp_shard",) or an HSDP
+    # mesh ("dp_replicate", "dp_shard"). Rank r sits at (r // dp_shard, r % dp_shard).
+    @property
+    def dp_replicate(self) -> int:
+        return self.mesh.size(0) if self.mesh.ndim == 2 else 1
+
+    @property
+    def dp_shard(self) -> int:
+        """Ranks one parameter is sharded over: per-rank memory follows this, not the world size."""
+        return self.mesh.size(self.mesh.ndim - 1)
+
+    @property
+    def shard_rank(self) -> int:
+        """This rank's position in its shard group (which dim-0 chunk of every parameter it holds)."""
+        return self.mesh.get_local_rank(self.mesh.ndim - 1)
+
 
 def env_world_size() -> int:
     """World size as torchrun will report it (1 outside torchrun); usable before init."""
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init_distributed(backend: str = "auto", timeout_s: float = 600.0) -> DistEnv:
+def build_mesh(device_type: str, world_size: int, dp_replicate: int = 1) -> DeviceMesh:
+    """The data-parallel mesh: flat ("dp_shard",) for ``dp_replicate == 1`` (plain FSDP2), else
+    ("dp_replicate", "dp_shard") of shape (dp_replicate, world_size // dp_replicate), which
+    ``fully_shard`` turns into HSDP (torchtitan's mesh names; rank = i * dp_shard + j)."""
+    if dp_replicate == 1:
+        return init_device_mesh(device_type, (world_size,), mesh_dim_names=("dp_shard",))
+    if dp_replicate < 1 or world_size % dp_replicate:
+        raise ValueError(f"dp_replicate={dp_replicate} does not divide the world size {world_size}")
+    return init_device_mesh(device_type, (dp_replicate, world_size // dp_replicate),
+                            mesh_dim_names=("dp_replicate", "dp_shard"))
+
+
+def shard_degree(t: torch.Tensor) -> int:
+    """Ranks ``t``'s rows are split over (1 for a plain tensor; the shard group's size under HSDP)."""
+    if not isinstance(t, DTensor):
+        return 1
+    return math.prod(t.device_mesh.size(d) for d, p in enumerate(t.placements) if isinstance(p, Shard))
+
+
+def shard_index(t: torch.Tensor) -> int:
+    """Which dim-0 chunk of ``t`` this rank holds (0 for a plain tensor)."""
+    if not isinstance(t, DTensor):
+        return 0
+    dims = [d for d, p in enumerate(t.placements) if isinstance(p, Shard)]
+    if len(dims) > 1:
+        raise ValueError(f"sharded over {len(dims)} mesh dims ({t.placements}); steptitan shards over one")
+    return t.device_mesh.get_local_rank(dims[0]) if dims else 0
+
+
+def init_distributed(backend: str = "auto", timeout_s: float = 600.0, dp_replicate: int = 1) -> DistEnv:
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
+    from steptitan.device import nccl_error_handling, pick_device
+
+    device, backend = pick_device(backend, local_rank)  # the device follows the backend (docs/gpu.md)
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    if backend == "auto":
-        backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl":
+        nccl_error_handling()
     timeout = datetime.timedelta(seconds=timeout_s)
     if not dist.is_initialized():
         if "MASTER_ADDR" in os.environ:
             dist.init_process_group(backend, timeout=timeout)
         else:  # a single process without torchrun
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
-    mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("dp_shard",))
+    mesh = build_mesh(device.type, world, dp_replicate)  # dp_replicate > 1: HSDP (parallel.dp_replicate)
     return DistEnv(rank, world, local_rank, device, backend, mesh)
 
 
@@ -156,11 +201,12 @@ def local_shape(shape: Sequence[int], world_size: int, rank: int) -> tuple[int, 
 
 
 def shard_rows(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """This rank's dim-0 chunk of ``full`` (any shape) over ``like``'s mesh (a DTensor Shard(0) layout), no comms."""
+    """This rank's dim-0 chunk of ``full`` (any shape) laid out like ``like`` (Shard(0) over its shard mesh dim,
+    replicated over an HSDP replicate dim), no comms."""
     if not isinstance(like, DTensor):
         return full
     device = local_tensor(like).device
-    return distribute_tensor(full.to(device), like.device_mesh, [Shard(0)], src_data_rank=None).to_local()
+    return distribute_tensor(full.to(device), like.device_mesh, like.placements, src_data_rank=None).to_local()
 
 
 def gather_rows(local: torch.Tensor, like: torch.Tensor, rows: int) -> torch.Tensor:
@@ -170,7 +216,9 @@ def gather_rows(local: torch.Tensor, like: torch.Tensor, rows: int) -> torch.Ten
     local = local.contiguous().to(local_tensor(like).device)
     shape = (rows, *local.shape[1:])
     stride = tuple(math.prod(shape[k + 1:]) for k in range(len(shape)))
-    return DTensor.from_local(local, like.device_mesh, [Shard(0)], run_check=False, shape=shape, stride=stride).full_tensor()
+    # like's placements: under HSDP the gather runs within the shard group (replicas hold the same rows)
+    return DTensor.from_local(local, like.device_mesh, like.placements, run_check=False, shape=shape,
+                              stride=stride).full_tensor()
 
 
 def global_rows(t: torch.Tensor) -> torch.Tensor:
@@ -182,10 +230,15 @@ def global_rows(t: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- world-size-independent draws
 
 
+def derive_seed(seed: int, *keys: object) -> int:
+    """A 63-bit seed from (seed, keys): the same on every rank, at every world size and in every process."""
+    digest = hashlib.sha256(repr((seed,) + keys).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
 def seeded_generator(seed: int, *keys: object) -> torch.Generator:
     """A CPU generator seeded from (seed, keys): identical on every rank, any world size."""
-    digest = hashlib.sha256(repr((seed,) + keys).encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    return torch.Generator().manual_seed(derive_seed(seed, *keys))
 
 
 @torch.no_grad()

@@ -16,9 +16,11 @@ Weight names and the rotary layout are converted by torchtitan's
 ``Llama3StateDictAdapter.to_hf``: it permutes the rows of wq/wk from Meta's
 interleaved-pair rotary layout to HF's rotate-half layout. config.json carries
 rope_theta and torchtitan's llama3 rotary frequency scaling (``rope_scaling``
-with ``rope_type = "llama3"``, which torchtitan always applies), and
-``tie_word_embeddings`` for a tied embedding / LM head (then ``lm_head.weight``
-is not stored). The tokenizer.json the run used is copied when it can be found.
+with ``rope_type = "llama3"``, which torchtitan always applies; null for factor 1,
+plain RoPE), and ``tie_word_embeddings`` for a tied embedding / LM head (then
+``lm_head.weight`` is not stored). The tokenizer.json the run used is copied when
+it can be found, and its bos/eos ids go into config.json and generation_config.json.
+The folder is what ``model.init_from`` reads back (steptitan/hf.py, docs/huggingface.md).
 """
 
 from __future__ import annotations
@@ -65,7 +67,12 @@ def recipe_for(info: CheckpointInfo, recipe_path: str | None = None, overrides: 
         f = run_dir / name
         if f.is_file():
             data = json.loads(f.read_text())
-            return recipe_from_dict(data[key] if key else data)
+            data = data[key] if key else data
+            # The checkpoint holds the weights and recipe.json every shape key: an HF folder a run
+            # started from (model.init_from) is not needed, and may be gone, at export time.
+            if isinstance(data.get("model"), dict):
+                data["model"].pop("init_from", None)
+            return recipe_from_dict(data)
     raise ExportError(f"{run_dir} has no recipe.json or summary.json; pass --recipe RECIPE.toml [key=value ...]")
 
 
@@ -104,9 +111,15 @@ def merged_dense_state(plan: StagePlan, model: torch.nn.Module) -> dict[str, tor
     return {k: v.detach().clone() for k, v in model.state_dict().items() if k in names}
 
 
-def hf_config(shape: ModelShape, dtype: str) -> dict[str, Any]:
-    args = model_args(shape)
-    rs = args.rope_scaling_args
+def hf_config(shape: ModelShape, dtype: str, special: dict[str, int | None] | None = None) -> dict[str, Any]:
+    """config.json of ``shape``. RoPE: torchtitan's llama3 applies Llama 3 frequency scaling with
+    ``shape.rope_scaling`` (factor 1 = none: plain RoPE, ``rope_scaling`` null). HF requires
+    max_position_embeddings > original_max_position_embeddings for llama3 scaling, so it is the
+    scaled context (factor x original), as in Meta's Llama 3.1 configs; the sequence length the
+    model was trained at is ``trained_seq_len`` in steptitan_export.json."""
+    factor, low, high, original = shape.rope_scaling
+    scaled = factor != 1.0
+    special = special or {}
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -118,27 +131,69 @@ def hf_config(shape: ModelShape, dtype: str) -> dict[str, Any]:
         "num_key_value_heads": shape.n_kv_heads,
         "head_dim": shape.head_dim,
         "hidden_act": "silu",
-        "max_position_embeddings": shape.max_seq_len,
+        "max_position_embeddings": max(shape.max_seq_len, int(original * factor)) if scaled else shape.max_seq_len,
         "rms_norm_eps": shape.norm_eps,
         "rope_theta": shape.rope_theta,
-        # torchtitan's precompute_freqs_cis always applies llama3 frequency scaling.
         "rope_scaling": {
             "rope_type": "llama3",
-            "factor": float(rs.scaling_factor),
-            "low_freq_factor": float(rs.low_freq_factor),
-            "high_freq_factor": float(rs.high_freq_factor),
-            "original_max_position_embeddings": int(rs.original_max_position_embeddings),
-        },
+            "factor": float(factor),
+            "low_freq_factor": float(low),
+            "high_freq_factor": float(high),
+            "original_max_position_embeddings": int(original),
+        } if scaled else None,
         "tie_word_embeddings": shape.tie_embeddings,
         "attention_bias": False,
         "mlp_bias": False,
         "attention_dropout": 0.0,
         "initializer_range": 0.02,
         "use_cache": True,
-        "bos_token_id": None,
-        "eos_token_id": None,
+        "bos_token_id": special.get("bos_token_id"),
+        "eos_token_id": special.get("eos_token_id"),
         "torch_dtype": dtype,
     }
+
+
+def special_token_ids(tokenizer_json: Path | None) -> dict[str, int | None]:
+    """bos/eos/pad ids for config.json and generation_config.json, from the tokenizer the run used.
+
+    eos is tokenizer_config.json's eos_token (steptitan's BPE: <|endoftext|>, the token the
+    data pipeline puts between documents). A tokenizer with no bos_token gets bos = eos, as
+    GPT-2: in steptitan's token stream every document follows an eos. pad = eos, so
+    ``generate`` needs no pad token of its own."""
+    if tokenizer_json is None:
+        return {}
+    from tokenizers import Tokenizer
+
+    from steptitan.data import EOS_TOKEN
+
+    try:
+        config = json.loads((tokenizer_json.parent / "tokenizer_config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        config = {}
+
+    def token_id(entry: Any) -> int | None:
+        text = entry.get("content") if isinstance(entry, dict) else entry
+        return tok.token_to_id(text) if isinstance(text, str) else None
+
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    eos = token_id(config.get("eos_token"))
+    eos = token_id(EOS_TOKEN) if eos is None else eos
+    bos = token_id(config.get("bos_token"))
+    bos = eos if bos is None else bos
+    return {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": eos if eos is not None else None}
+
+
+def generation_config(special: dict[str, int | None]) -> dict[str, Any]:
+    return {"_from_model_config": True, **{k: v for k, v in special.items() if v is not None}}
+
+
+def _readable(paths: list[Path]) -> None:
+    """rw-r--r-- (under the usual umask 022) like any file a user writes: safetensors and copies of
+    cache files may come out 0600, which other users of a shared model folder cannot read."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in paths:
+        os.chmod(p, 0o666 & ~mask)
 
 
 def to_hf_state(shape: ModelShape, dense: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -179,17 +234,22 @@ def export(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, recipe_pat
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(hf, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(hf_config(plan.shape, dtype), indent=1))
     tok = find_tokenizer(recipe)
+    special = special_token_ids(tok)
+    (out / "config.json").write_text(json.dumps(hf_config(plan.shape, dtype, special), indent=1))
+    (out / "generation_config.json").write_text(json.dumps(generation_config(special), indent=1))
+    written = [out / "model.safetensors", out / "config.json", out / "generation_config.json"]
     if tok is not None:
         for f in tok.parent.iterdir():
             if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
                 shutil.copy2(f, out / f.name)
+                written.append(out / f.name)
     (out / "steptitan_export.json").write_text(json.dumps({
         "checkpoint": str(info.path.resolve()), "stage": info.stage, "step": info.step,
         "world_size": info.meta.get("world_size"), "merged_peft": [m.registry_name for m in plan.peft],
-        "tokenizer": str(tok) if tok else None,
+        "tokenizer": str(tok) if tok else None, "trained_seq_len": recipe.training.seq_len,
     }, indent=1))
+    _readable(written + [out / "steptitan_export.json"])
     return out
 
 

@@ -34,7 +34,7 @@ def first_grad_layer(specs: Iterable[ParamSpec], n_layers: int) -> int:
 
 
 def activation_bytes(shape: ModelShape, batch: int, seq_len: int, precision: Precision = Precision(),
-                     checkpointing: bool = False, first_layer_with_grad: int = 0) -> int:
+                     checkpointing: bool = False, first_layer_with_grad: int = 0, attention: str = "flash") -> int:
     """Estimated bytes of tensors saved for backward in one micro-batch on one rank.
 
     Counted from what autograd saves in torchtitan's llama3 block (measured
@@ -47,11 +47,18 @@ def activation_bytes(shape: ModelShape, batch: int, seq_len: int, precision: Pre
     recompute. Blocks below the first trainable parameter save nothing. The
     head keeps the final norm's input/output and the flattened head input
     (3 dim) and cross-entropy's fp32 log-softmax (vocab x 4 B); the token ids
-    are int64. tests/test_memory.py holds it to 10% of the measured bytes."""
+    are int64. tests/test_memory.py holds it to 10% of the measured bytes.
+
+    ``attention`` is the SDPA kernel (``device.attention_kernel``): "flash" and "efficient" save O(S)
+    state; "math" (an fp32 model on a GPU before the memory-efficient kernel was allowed, or a head
+    size no fused kernel takes) also saves the B x H x S x S attention probabilities per block
+    (measured with saved_tensors_hooks: q, k, v and the probabilities, not the output)."""
     tokens = batch * seq_len
     cb = BYTES[precision.compute]
     kv = shape.n_kv_heads * shape.head_dim
     per_block = tokens * (8 * shape.dim + 2 * kv + 4 * shape.ffn_hidden) * cb
+    if attention == "math":
+        per_block += batch * shape.n_heads * seq_len * seq_len * cb
     n_saving = max(0, shape.n_layers - first_layer_with_grad)
     if checkpointing:
         blocks = n_saving * tokens * shape.dim * cb + (per_block if n_saving else 0)
@@ -59,6 +66,53 @@ def activation_bytes(shape: ModelShape, batch: int, seq_len: int, precision: Pre
         blocks = n_saving * per_block
     head = tokens * (3 * shape.dim * cb + shape.vocab_size * 4 + 8)
     return blocks + head
+
+
+def overhead_bytes(specs: Sequence[ParamSpec], shape: ModelShape, batch: int, seq_len: int, precision: Precision,
+                   world_size: int, rank: int, grad_accum: int = 1, grad_sync: str = "last",
+                   device_type: str = "cpu", resident: int = 0) -> dict[str, int]:
+    """Bytes one rank holds at its peak beyond model states and saved activations (issue 15, defect 8).
+
+    * ``shard_padding``: FSDP2 stores every rank's shard padded to ceil(rows / W) rows (and reduce-
+      scatters gradients into buffers of that size), so ranks with fewer rows still pay for the chunk;
+    * ``collective_buffers``: all-gathered parameters in the compute dtype -- the root unit (embeddings,
+      final norm, head) stays unsharded from forward to backward, and two blocks are in flight (the one
+      running and the one prefetched) -- plus one block's unsharded gradient and its fp32 reduce-scatter input;
+    * ``logits``: the head's output in the compute dtype, its fp32 gradient and the compute-dtype gradient
+      (cross-entropy's fp32 log-softmax is a saved activation, in ``activation_bytes``);
+    * ``accumulated_grads``: with grad_accum > 1 and grad_sync = "last", FSDP2 keeps the unsharded fp32
+      gradients of every trainable parameter until the last micro-batch reduce-scatters them;
+    * ``fragmentation``: on CUDA a 10% margin on everything (``resident``: model states + activations,
+      plus the above) for the caching allocator's rounding and fragmentation -- a margin, not a
+      measurement: compare ``cuda_max_reserved`` with ``cuda_max_allocated`` in the logs (docs/gpu.md).
+    """
+    cb = BYTES[precision.compute]
+    padding = 0
+    blocks: dict[int, list[ParamSpec]] = {}
+    root_numel = trainable_numel = 0
+    for s in specs:
+        numel = math.prod(s.shape)
+        if s.shape and world_size > 1:
+            chunk = math.ceil(s.shape[0] / world_size)
+            held = max(0, min(chunk, s.shape[0] - rank * chunk))
+            per_row = numel // s.shape[0] if s.shape[0] else 0
+            padding += (chunk - held) * per_row * ((4 + 4) if s.trainable else BYTES[precision.frozen])
+        if s.name.startswith("layers."):
+            blocks.setdefault(int(s.name.split(".")[1]), []).append(s)
+        else:
+            root_numel += numel
+        if s.trainable:
+            trainable_numel += numel
+    block_numel = max((sum(math.prod(s.shape) for s in b) for b in blocks.values()), default=0)
+    block_trainable = max((sum(math.prod(s.shape) for s in b if s.trainable) for b in blocks.values()), default=0)
+    gathered = world_size > 1 or device_type == "cuda"  # FSDP2 on one rank still unshards into compute-dtype copies
+    collective = (root_numel * cb + 2 * block_numel * cb + block_trainable * (cb + 4)) if gathered else 0
+    tokens = batch * seq_len
+    out = {"shard_padding": padding, "collective_buffers": collective,
+           "logits": tokens * shape.vocab_size * (2 * cb + 4),
+           "accumulated_grads": 4 * trainable_numel if grad_accum > 1 and grad_sync == "last" else 0}
+    out["fragmentation"] = (resident + sum(out.values())) // 10 if device_type == "cuda" else 0
+    return out
 
 
 @dataclass

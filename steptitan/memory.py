@@ -19,7 +19,7 @@ search that queries this model (``steptitan plan``) is steptitan/planner.py.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
 from torch import nn
@@ -57,7 +57,11 @@ class Precision:
 
     @classmethod
     def from_training(cls, training: Any) -> "Precision":
-        return cls(training.dtype, getattr(training, "frozen_dtype", "float32"))
+        """training.dtype "auto" resolves for the device the backend runs on (steptitan/device.py)."""
+        from steptitan.device import compute_dtype_name, device_type_for
+
+        compute = compute_dtype_name(training.dtype, device_type_for(getattr(training, "backend", "auto")))
+        return cls(compute, getattr(training, "frozen_dtype", "float32"))
 
 
 PRECISIONS = {
@@ -178,14 +182,22 @@ class StageMemory:
     frozen_params: int
     per_rank: list[dict[str, int]]  # model-state bytes per rank
     activations: int  # estimated saved-activation bytes per rank (one micro-batch)
+    # per rank: padded shards, collective buffers, logits, accumulated gradients, fragmentation (flops.overhead_bytes)
+    overheads: list[dict[str, int]] = field(default_factory=list)
 
     @property
     def peak_model_states(self) -> int:
         return max(r["model_states"] for r in self.per_rank)
 
     @property
+    def peak_overheads(self) -> int:
+        return max((sum(o.values()) for o in self.overheads), default=0)
+
+    @property
     def peak_total(self) -> int:
-        return self.peak_model_states + self.activations
+        if not self.overheads:
+            return self.peak_model_states + self.activations
+        return max(r["model_states"] + self.activations + sum(o.values()) for r, o in zip(self.per_rank, self.overheads))
 
 
 def with_step_dims(specs: list[ParamSpec], model: nn.Module, methods: Sequence[PeftMethod]) -> list[ParamSpec]:
@@ -204,22 +216,36 @@ def with_step_dims(specs: list[ParamSpec], model: nn.Module, methods: Sequence[P
 
 
 def predict_stage(plan: Any, world_size: int, training: Any) -> StageMemory:
-    """Per-rank model-state bytes of one ``StagePlan`` (exact) plus an activation estimate."""
-    from steptitan.flops import activation_bytes, first_grad_layer  # flops.py builds on this module's ParamSpec
+    """Per-rank model-state bytes of one ``StagePlan`` (exact) plus an activation estimate.
+
+    ``world_size`` is the shard degree: the world size under plain FSDP2, parallel.dp_shard under HSDP."""
+    from steptitan.device import attention_kernel, device_type_for
+    from steptitan.flops import activation_bytes, first_grad_layer, overhead_bytes  # flops.py builds on ParamSpec
 
     precision, optimizer = Precision.from_training(training), OptimizerSpec.from_plan(plan)
+    device_type = device_type_for(getattr(training, "backend", "auto"))
     model = plan.build()
     specs = with_step_dims(param_specs(model, plan.old_layers, base_param_names(plan.shape)), model, plan.peft)
     per_rank = [model_state_bytes(specs, world_size, r, precision, optimizer,
                                   peft_pool_bytes(plan.peft, model, world_size, r)) for r in range(world_size)]
     acts = activation_bytes(plan.shape, training.batch_size, training.seq_len, precision,
-                            training.activation_checkpointing, first_grad_layer(specs, plan.shape.n_layers))
+                            training.activation_checkpointing, first_grad_layer(specs, plan.shape.n_layers),
+                            attention_kernel(device_type, precision.compute, plan.shape.head_dim))
+    overheads = [overhead_bytes(specs, plan.shape, training.batch_size, training.seq_len, precision, world_size, r,
+                                getattr(training, "grad_accum", 1), getattr(training, "grad_sync", "last"),
+                                device_type, resident=per_rank[r]["model_states"] + acts) for r in range(world_size)]
     return StageMemory(plan.index, plan.name, plan.shape.n_layers, plan.trainable_params, plan.frozen_params,
-                       per_rank, acts)
+                       per_rank, acts, overheads)
 
 
 def predict_recipe(recipe: Any, plans: Sequence[Any], world_size: int) -> list[StageMemory]:
-    return [predict_stage(p, world_size, recipe.training) for p in plans]
+    """Every stage on ``world_size`` ranks laid out per ``recipe.parallel``: a rank holds 1/dp_shard of
+    each parameter (HSDP replicas add ranks, not savings), so ``per_rank`` lists the dp_shard shard ranks."""
+    from steptitan.recipe import parallel_degrees
+
+    parallel = getattr(recipe, "parallel", None)
+    shard = parallel_degrees(parallel, world_size)[1] if parallel is not None else world_size
+    return [predict_stage(p, shard, recipe.training) for p in plans]
 
 
 # --------------------------------------------------------------------------- the paper's formula

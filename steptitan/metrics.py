@@ -1,4 +1,4 @@
-"""Memory accounting from live tensors, peak RSS, and the log sinks (console + TensorBoard)."""
+"""Memory accounting from live tensors, peak RSS, and console logging (trackers: steptitan/trackers.py)."""
 
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def peak_rss_bytes() -> int:
 def reset_peak_rss() -> bool:
     """Reset the kernel's peak-RSS mark (Linux ``clear_refs`` 5) so each stage gets its own peak
     (and CUDA's max-allocated mark, when on GPU)."""
-    if torch.cuda.is_available():
+    if cuda_in_use():
         torch.cuda.reset_peak_memory_stats()
     try:
         with open("/proc/self/clear_refs", "w") as fh:
@@ -73,28 +73,21 @@ def reset_peak_rss() -> bool:
         return False
 
 
+def cuda_in_use() -> bool:
+    """CUDA was initialised by this process (a gloo run on a GPU host never touches it: querying
+    would create a context on GPU 0 for every rank)."""
+    return torch.cuda.is_available() and torch.cuda.is_initialized()
+
+
 def cuda_peak_bytes() -> int:
-    return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
+    """Peak bytes held by live tensors on this rank's GPU since the last reset (0 off CUDA)."""
+    return torch.cuda.max_memory_allocated() if cuda_in_use() else 0
 
 
-class MetricsLogger:
-    """Rank 0 writes TensorBoard scalars; every call is a no-op on other ranks."""
-
-    def __init__(self, log_dir: Path | None, enabled: bool):
-        self.tb = None
-        if enabled and log_dir is not None:
-            from torchtitan.components.metrics import TensorBoardLogger
-
-            log_dir.mkdir(parents=True, exist_ok=True)
-            self.tb = TensorBoardLogger(str(log_dir))
-
-    def scalars(self, values: dict[str, float], step: int) -> None:
-        if self.tb is not None:
-            self.tb.log(values, step)
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
+def cuda_reserved_bytes() -> int:
+    """Peak bytes the caching allocator reserved from the driver (live tensors + cached blocks +
+    fragmentation): what an out-of-memory error is about, logged next to ``cuda_peak_bytes``."""
+    return torch.cuda.max_memory_reserved() if cuda_in_use() else 0
 
 
 def fmt_bytes(n: float) -> str:
@@ -105,7 +98,24 @@ def fmt_bytes(n: float) -> str:
     return f"{n:.1f}GiB"
 
 
-def setup_logging(rank: int) -> None:
-    level = logging.INFO if rank == 0 else logging.WARNING
+class _OwnOrErrors(logging.Filter):
+    """On ranks > 0: steptitan's own records (they can be rank-specific: a full disk, a failed peer)
+    and errors pass; a library's warnings -- the same text on every rank, e.g. bitsandbytes'
+    import-time notice, Python ``warnings`` routed through ``py.warnings`` -- are left to rank 0."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.name.startswith("steptitan") or record.levelno >= logging.ERROR
+
+
+def setup_logging(rank: int, verbose: bool = True) -> None:
+    """Console logging: rank 0 shows INFO and up (``verbose``; else warnings); other ranks show
+    steptitan's warnings and every error, each line prefixed with ``[rank<r>]``, so a library warning
+    is printed once per job, not once per rank. Python ``warnings`` go through logging
+    (``logging.captureWarnings``), so they get the same treatment (each still once per place)."""
+    level = logging.INFO if rank == 0 and verbose else logging.WARNING
     logging.basicConfig(level=level, format=f"[rank{rank}] %(message)s" if rank else "%(message)s", force=True)
+    logging.captureWarnings(True)
+    if rank:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_OwnOrErrors())
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -8,17 +8,20 @@ transform and the planner counts; ``build_model`` turns it into torchtitan's
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
 from torchtitan.models.llama3 import Transformer, TransformerModelArgs
+from torchtitan.models.llama3.model.args import RoPEScalingArgs
 from torchtitan.models.llama3.model.model import precompute_freqs_cis
 
-from steptitan.distributed import local_part, local_tensor
+from steptitan.device import allow_sdpa_backends
+from steptitan.distributed import derive_seed, local_part, local_tensor
 from steptitan.recipe import ModelConfig
+
+allow_sdpa_backends()  # fp32 on CUDA gets the memory-efficient SDPA kernel instead of MATH (docs/gpu.md)
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,10 @@ class ModelShape:
     # None = torchtitan's dim // n_heads. Set by width growth, which keeps
     # head_dim fixed while dim or n_heads grow (bert2BERT; methods.md).
     fixed_head_dim: int | None = None
+    # Llama 3 rotary frequency scaling (factor, low_freq_factor, high_freq_factor,
+    # original_max_position_embeddings), which torchtitan's llama3 always applies;
+    # factor 1 leaves every frequency as it is (plain RoPE, e.g. an imported Llama 2).
+    rope_scaling: tuple[float, float, float, int] = (8.0, 1.0, 4.0, 8192)
 
     @property
     def head_dim(self) -> int:
@@ -81,6 +88,8 @@ def shape_from_config(cfg: ModelConfig, max_seq_len: int) -> ModelShape:
         rope_theta=cfg.rope_theta,
         tie_embeddings=cfg.tie_embeddings,
         max_seq_len=max_seq_len,
+        rope_scaling=(float(cfg.rope_scaling.factor), float(cfg.rope_scaling.low_freq_factor),
+                      float(cfg.rope_scaling.high_freq_factor), int(cfg.rope_scaling.original_max_position_embeddings)),
     )
 
 
@@ -98,6 +107,7 @@ def model_args(shape: ModelShape) -> TransformerModelArgs:
         ffn_dim_multiplier=(shape.ffn_hidden + 0.5) / base,
         norm_eps=shape.norm_eps,
         rope_theta=shape.rope_theta,
+        rope_scaling_args=RoPEScalingArgs(*shape.rope_scaling),
         max_seq_len=shape.max_seq_len,
         attn_type="sdpa",
         depth_init=True,
@@ -141,6 +151,7 @@ def shape_of(model: Transformer) -> ModelShape:
     args = model.model_args
     attn = model.layers["0"].attention if len(model.layers) else None
     head_dim = attn.head_dim if attn is not None else args.dim // args.n_heads
+    rs = args.rope_scaling_args
     return ModelShape(
         dim=args.dim, n_layers=len(model.layers), n_heads=args.n_heads, n_kv_heads=args.n_kv_heads or args.n_heads,
         vocab_size=args.vocab_size,
@@ -148,13 +159,8 @@ def shape_of(model: Transformer) -> ModelShape:
         norm_eps=args.norm_eps, rope_theta=args.rope_theta,
         tie_embeddings=model.output.weight is model.tok_embeddings.weight, max_seq_len=args.max_seq_len,
         fixed_head_dim=None if head_dim == args.dim // args.n_heads else head_dim,
+        rope_scaling=(rs.scaling_factor, rs.low_freq_factor, rs.high_freq_factor, rs.original_max_position_embeddings),
     )
-
-
-def derive_seed(seed: int, *keys: object) -> int:
-    """A 63-bit seed from (seed, keys): the same on every rank and at every world size."""
-    digest = hashlib.sha256(repr((seed,) + keys).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 @torch.no_grad()

@@ -218,15 +218,15 @@ class AdamWSliceSteps(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._torch_adamw_step()
         for group in self.param_groups:
             lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
             for p in group["params"]:
-                if p.grad is None:
+                if p.grad is None or p not in self.step_dims:
                     continue
                 state = self.state[p]
                 if not state:
-                    state["step"] = (step_counts_like(p, self.step_dims[p]) if p in self.step_dims
-                                     else torch.tensor(0.0, dtype=torch.float32))
+                    state["step"] = step_counts_like(p, self.step_dims[p])
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 param, grad = local_tensor(p), local_tensor(p.grad)
@@ -236,17 +236,30 @@ class AdamWSliceSteps(torch.optim.Optimizer):
                 param.mul_(1 - lr * wd)  # decoupled weight decay
                 exp_avg.lerp_(grad, 1 - beta1)
                 exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                if step.dim() == 0:  # torch's scalar formula
-                    t = step.item()
-                    bias1, bias2_sqrt = 1 - beta1**t, math.sqrt(1 - beta2**t)
-                    denom = (exp_avg_sq.sqrt() / bias2_sqrt).add_(eps)
-                    param.addcdiv_(exp_avg, denom, value=-lr / bias1)
-                else:  # per-slice counts broadcast over the other dim
-                    bias1 = 1 - torch.pow(beta1, step)
-                    bias2_sqrt = (1 - torch.pow(beta2, step)).sqrt()
-                    denom = (exp_avg_sq.sqrt() / bias2_sqrt).add_(eps)
-                    param.addcdiv_(exp_avg / bias1, denom, value=-lr)
+                # per-slice counts (on the device) broadcast over the other dim: no host read
+                bias1 = 1 - torch.pow(beta1, step)
+                bias2_sqrt = (1 - torch.pow(beta2, step)).sqrt()
+                denom = (exp_avg_sq.sqrt() / bias2_sqrt).add_(eps)
+                param.addcdiv_(exp_avg / bias1, denom, value=-lr)
         return loss
+
+    def _torch_adamw_step(self) -> None:
+        """Parameters without per-slice counts go through torch's foreach AdamW, sharing this optimizer's
+        ``state`` (same keys: a 0-d fp32 CPU ``step``, ``exp_avg``, ``exp_avg_sq``), so they get torch's
+        update in a few fused kernels instead of a Python loop with a host read of each step count."""
+        groups = [{**{k: v for k, v in g.items() if k != "params"},
+                   "params": [p for p in g["params"] if p.grad is not None and p not in self.step_dims]}
+                  for g in self.param_groups]
+        groups = [g for g in groups if g["params"]]
+        if not groups:
+            return
+        key = tuple(tuple(id(p) for p in g["params"]) for g in groups)
+        if getattr(self, "_inner_key", None) != key:  # built once per set of parameters (it keeps no state of its own)
+            self._inner, self._inner_key = torch.optim.AdamW(groups, foreach=True), key
+        for mine, group in zip(self._inner.param_groups, groups):  # the LR schedule changes lr every step
+            mine.update({k: group[k] for k in ("lr", "betas", "eps", "weight_decay")})
+        self._inner.state = self.state  # load_state_dict replaces self.state, so share it at every step
+        self._inner.step()
 
 
 # --------------------------------------------------------------------------- per-group assignment

@@ -100,12 +100,18 @@ class PeftMethod:
         """Fold the adapters into the dense weights, leaving the function unchanged, so that the
         dense model alone carries what was learned (before growth and export)."""
 
+    def counters(self) -> dict[str, float]:
+        """Cumulative event counts of this stage, e.g. ``{"relora/resets": 2}``: the trainer logs them to
+        the trackers at every log step and prints their change since the last one. Same on every rank."""
+        return {}
+
     def extra_state_bytes(self) -> int:
         """Bytes this rank holds outside parameters/optimizer (e.g. candidate pools)."""
         return 0
 
     def predicted_extra_state_bytes(self, model: nn.Module, world_size: int, rank: int) -> int:
-        """What ``extra_state_bytes`` will be on ``rank``, from the (meta) model's shapes (memory model)."""
+        """What ``extra_state_bytes`` will be on ``rank``, from the (meta) model's shapes (memory model).
+        ``world_size`` / ``rank`` are the shard degree and shard index (under HSDP, parallel.dp_shard)."""
         return 0
 
     def state_dict(self) -> dict[str, Any]:
@@ -113,7 +119,11 @@ class PeftMethod:
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore ``state_dict()``'s output on resume (``{}`` for a checkpoint without it)."""
+        """Restore ``state_dict()``'s output on resume (``{}`` for a checkpoint without it).
+
+        ``state`` is what the rank holding the same shard saved. When the checkpoint was saved
+        with another shard degree, it is rank 0's and ``state["shards"]`` lists what shards
+        0, 1, ... saved (steptitan/checkpoint.py), so per-shard tensors can be re-sharded."""
 
 
 def overrides(method: PeftMethod, hook: str) -> bool:

@@ -214,8 +214,14 @@ def plan_fingerprint(plans: list[StagePlan]) -> str:
     def describe(obj) -> dict:
         return {"name": obj.registry_name, "options": dataclasses.asdict(obj.options)}
 
+    default_rope = ModelShape.__dataclass_fields__["rope_scaling"].default
+
+    def shape_of(shape: ModelShape) -> dict:  # torchtitan's RoPE scaling left out, so older checkpoints still resume
+        d = dataclasses.asdict(shape)
+        return d if tuple(d["rope_scaling"]) != default_rope else {k: v for k, v in d.items() if k != "rope_scaling"}
+
     stages = [{
-        "shape": dataclasses.asdict(p.shape),
+        "shape": shape_of(p.shape),
         "growth": describe(p.growth) if p.growth is not None else None,
         "peft": [{**describe(m), "layers": m.layers} for m in p.peft],
         "freeze": sorted(p.freeze),
@@ -226,20 +232,65 @@ def plan_fingerprint(plans: list[StagePlan]) -> str:
     return hashlib.sha256(json.dumps(stages, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def format_plan(plans: list[StagePlan]) -> str:
-    rows = [f"{'stage':<14}{'layers':>7}{'dim':>6}{'steps':>7}  {'growth':<34}{'peft':<24}{'freeze':<18}{'trainable':>12}{'frozen':>12}"]
+def format_table(headers: list[str], rows: list[list[str]], right: set[int] = frozenset(), indent: str = "") -> list[str]:
+    """Text table lines; every column as wide as its widest cell, so long values never run into the next column."""
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+
+    def line(cells: list[str]) -> str:
+        return indent + "  ".join(c.rjust(w) if i in right else c.ljust(w)
+                                  for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    return [line(headers)] + [line(r) for r in rows]
+
+
+def peft_text(method: PeftMethod) -> str:
+    """``lora[2L] rank=8 alpha=16``: the method, what it adapts (N layers, or the method's label) and its
+    rank and alpha, then every option that differs from the method's default."""
+    import dataclasses
+
+    label = method.label() if hasattr(method, "label") else f"{len(method.layers)}L"
+    shown = []
+    for f in dataclasses.fields(method.options):
+        value = getattr(method.options, f.name)
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
+        if f.name in ("rank", "alpha") or value != default:
+            text = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else f"{value:g}" if isinstance(value, float) else str(value)
+            shown.append(f"{f.name}={text}")
+    return " ".join([f"{method.registry_name}[{label}]", *shown])
+
+
+def format_plan(plans: list[StagePlan], memory: list[Any] | None = None, vanilla: Any = None) -> str:
+    """The stage table of --dry-run: shapes, growth, PEFT (with rank and alpha), freezing, parameters;
+    with ``memory`` (steptitan/memory.StageMemory per stage) and ``vanilla`` (the same for the last
+    stage's model trained in full) also the predicted peak model states per rank and their ratio to vanilla."""
+    from steptitan.metrics import fmt_bytes
+
+    headers = ["stage", "layers", "dim", "steps", "growth", "peft", "freeze", "trainable", "frozen"]
+    if memory is not None:
+        headers += ["states/rank", "vs vanilla"]
+    rows, notes = [], {}
     for p in plans:
         growth = "-"
         if p.growth is not None:
             growth = p.growth.registry_name + (" (exact)" if p.growth.is_exact(plans[p.index - 1].shape) else "")
-        peft = ", ".join(f"{m.registry_name}[{m.label() if hasattr(m, 'label') else f'{len(m.layers)}L'}]" for m in p.peft) or "-"
-        rows.append(
-            f"{p.name:<14}{p.shape.n_layers:>7}{p.shape.dim:>6}{p.steps:>7}  {growth:<34}{peft:<23} "
-            f"{','.join(p.freeze) or '-':<18}{p.trainable_params:>12,}{p.frozen_params:>12,}"
-        )
+        row = [p.name, str(p.shape.n_layers), str(p.shape.dim), str(p.steps), growth,
+               "; ".join(peft_text(m) for m in p.peft) or "-", ",".join(p.freeze) or "-",
+               f"{p.trainable_params:,}", f"{p.frozen_params:,}"]
+        if memory is not None:
+            states = memory[p.index].peak_model_states
+            row += [fmt_bytes(states), f"{states / vanilla.peak_model_states:.2f}x" if vanilla else "-"]
+        rows.append(row)
+        extra = []
         new = sorted(p.new_layers)
         if p.index > 0 and new:
-            rows.append(f"{'':<14}new layers: {new}")
+            extra.append(f"new layers: {new}")
         if any(o.registry_name != "adamw" for o in p.optim.values()):
-            rows.append(f"{'':<14}optimizers: " + ", ".join(f"{g} {o.registry_name}" for g, o in p.optim.items()))
-    return "\n".join(rows)
+            extra.append("optimizers: " + ", ".join(f"{g} {o.registry_name}" for g, o in p.optim.items()))
+        notes[len(rows)] = extra
+    lines = format_table(headers, rows, right={1, 2, 3, 7, 8, 9, 10})
+    out = [lines[0]]
+    for k, line in enumerate(lines[1:], 1):
+        out.append(line)
+        out.extend("  " + text for text in notes.get(k, []))
+    return "\n".join(out)

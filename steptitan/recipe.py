@@ -43,10 +43,24 @@ OPTIM_TABLE = {"plugin": OPTIM, "key": "name", "key_what": "parameter group"}
 
 
 @dataclass
+class RopeScalingConfig:
+    """Llama 3 rotary frequency scaling, which torchtitan's llama3 model always applies (its defaults here).
+
+    ``factor = 1`` leaves every frequency unchanged: plain RoPE (Llama 2 and most other Llama-style models)."""
+
+    factor: float = _range(8.0, gt=0)
+    low_freq_factor: float = _range(1.0, gt=0)
+    high_freq_factor: float = _range(4.0, gt=0)  # must be > low_freq_factor
+    original_max_position_embeddings: int = _range(8192, gt=0)
+
+
+@dataclass
 class ModelConfig:
     """Shape of the first stage's model (later stages come from growth).
 
-    Field names follow torchtitan's llama3 ``TransformerModelArgs``.
+    Field names follow torchtitan's llama3 ``TransformerModelArgs``. With ``init_from``
+    (a Hugging Face Llama folder) the shape keys left out are taken from its config.json
+    and the ones given must agree with it (docs/huggingface.md).
     """
 
     # Upper bounds (plan.SHAPE_LIMITS): far above any real model, low enough that --dry-run stays quick.
@@ -61,6 +75,10 @@ class ModelConfig:
     norm_eps: float = _range(1e-5, gt=0)
     rope_theta: float = _range(10000.0, gt=0)
     tie_embeddings: bool = False  # one tensor for embedding table and LM head, kept through growth (docs/growth.md)
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
+    # A Hugging Face Llama folder (config.json + *.safetensors [+ tokenizer.json]): stage 0 starts from
+    # its weights instead of a random init, and its tokenizer is data.tokenizer (continued pre-training).
+    init_from: str | None = None
 
 
 @dataclass
@@ -110,7 +128,9 @@ class TrainingConfig:
     eps: float = 1e-8
     max_grad_norm: float = 1.0  # <= 0 disables clipping
     seed: int = _range(0, ge=0, le=2**32 - 1)  # numpy's default_rng rejects negative seeds
-    dtype: Dtype = "float32"  # FSDP2 compute dtype (master weights stay fp32)
+    # FSDP2 compute dtype (master weights stay fp32); auto = bfloat16 on CUDA (flash attention, tensor
+    # cores), float32 on the CPU (docs/gpu.md)
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     frozen_dtype: Dtype = "float32"  # storage dtype of frozen weights (STEP's policy: bfloat16, 2 B per frozen param)
     optimizer: Literal["adamw", "galore"] = "adamw"  # galore = galore-torch GaLoreAdamW on block linears (extra "galore")
     galore: GaloreConfig = field(default_factory=GaloreConfig)
@@ -119,6 +139,12 @@ class TrainingConfig:
     # embeddings, head, adapters (adapters follow default). A stage's optim overrides it.
     optim: dict[OptimGroup, str | dict[str, Any]] = field(default_factory=dict, metadata=OPTIM_TABLE)
     activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile each transformer block (torchtitan's per-block compile; docs/gpu.md)
+    compile_backend: str = "inductor"  # torch.compile backend (torchtitan's compile.backend); aot_eager to debug
+    # Gradient accumulation: "last" reduce-scatters once per step (FSDP2's set_requires_gradient_sync(False)
+    # on the other micro-batches, which keep unsharded fp32 gradients of the trainable weights meanwhile);
+    # "every" reduce-scatters after every micro-batch (less memory, grad_accum x the gradient traffic)
+    grad_sync: Literal["last", "every"] = "last"
     eval_interval: int = _range(0, ge=0)  # 0 = only at stage ends
     eval_batches: int = _range(8, ge=0)  # eval set = the first eval_batches x batch_size validation blocks, split across ranks (the same at any world size); 0 = the whole split
     deterministic: bool = False
@@ -141,8 +167,9 @@ class ParallelConfig:
     world size.
     """
 
-    dp_replicate: int = _range(1, ge=-1)  # 1 = no replication; -1 = world size / dp_shard
-    dp_shard: int = _range(-1, ge=-1)  # -1 = world size / dp_replicate (torchtitan's default)
+    # Ranges are in check_values: ">= 1, or -1" does not fit one ge/gt bound.
+    dp_replicate: int = 1  # 1 = no replication; -1 = world size / dp_shard
+    dp_shard: int = -1  # -1 = world size / dp_replicate (torchtitan's default)
 
 
 @dataclass
@@ -151,6 +178,25 @@ class CheckpointConfig:
     interval: int = _range(0, ge=0)  # steps; 0 = only at stage ends
     keep_last: int = _range(0, ge=0)  # 0 = keep all
     resume: Literal["auto", "never"] | str = "auto"  # auto | never | <path to a checkpoint folder>
+
+
+@dataclass
+class MetricsConfig:
+    """Experiment trackers (rank 0 writes them) and stage-end samples; README "Read the logs"."""
+
+    tensorboard: bool = True  # <output_dir>/tb: scalars, the resolved recipe as text + hparams, samples
+    # Weights & Biases through torchtitan's WandBLogger (pip extra "wandb"); files in <output_dir>/wandb.
+    # WANDB_MODE=offline needs no account (`wandb sync` uploads later); a resumed run continues the same W&B run.
+    wandb: bool = False
+    wandb_project: str | None = None  # None = $WANDB_PROJECT, else "steptitan"
+    wandb_name: str | None = None  # None = $WANDB_RUN_NAME, else the recipe's name
+    wandb_entity: str | None = None  # None = $WANDB_TEAM, else your default entity
+    # Text sampled from the model at every stage end, printed and logged to the trackers, to judge a
+    # run by eye ([] = off). Same sampler as `steptitan generate` (steptitan/generate.py).
+    sample_prompts: list[str] = field(default_factory=list)
+    sample_tokens: int = _range(32, gt=0, le=4096)  # new tokens per prompt
+    sample_temperature: float = _range(0.8, ge=0, le=100)  # 0 = greedy
+    sample_top_k: int = _range(50, ge=0)  # 0 = sample from the whole vocabulary
 
 
 @dataclass
@@ -193,6 +239,7 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     stages: list[StageConfig] = field(default_factory=list)
 
@@ -277,6 +324,10 @@ def recipe_from_dict(data: dict[str, Any]) -> Recipe:
         raise RecipeError(f"a recipe must be a table, got {type(data).__name__}")
     errors: list[str] = []
     rejected: set[str] = set()  # paths whose values were rejected; they hold defaults now
+    if isinstance(data.get("model"), dict) and data["model"].get("init_from"):
+        from steptitan.hf import apply_init_from  # the shape (and tokenizer) of an HF folder
+
+        data = apply_init_from(data, errors)
     recipe = build_dataclass(Recipe, data, "", errors, rejected)
     errors.extend(check_values(recipe, rejected))
     if errors:
@@ -309,6 +360,10 @@ def check_values(recipe: Recipe, rejected: set[str] = frozenset()) -> list[str]:
             errors.append(f"model: head dim dim/n_heads = {m.dim // m.n_heads} must be even (rotary embeddings)")
         if m.n_kv_heads and m.n_heads % m.n_kv_heads:
             errors.append(f"model.n_heads ({m.n_heads}) must be divisible by model.n_kv_heads ({m.n_kv_heads})")
+    rs = m.rope_scaling
+    if valid("model.rope_scaling") and rs.high_freq_factor <= rs.low_freq_factor:
+        errors.append(f"model.rope_scaling: high_freq_factor ({rs.high_freq_factor}) must be > low_freq_factor "
+                      f"({rs.low_freq_factor}) (torchtitan interpolates between them)")
 
     d = recipe.data
     if valid("data.val_fraction", "data.val_files") and not 0.0 < d.val_fraction < 1.0 and not d.val_files:
@@ -318,8 +373,9 @@ def check_values(recipe: Recipe, rejected: set[str] = frozenset()) -> list[str]:
 
     p = recipe.parallel
     for key in ("dp_replicate", "dp_shard"):
-        if valid(f"parallel.{key}") and getattr(p, key) == 0:
-            errors.append(f"parallel.{key}: must be >= 1, or -1 (fill with the rest of the world size), got 0")
+        if valid(f"parallel.{key}") and getattr(p, key) < 1 and getattr(p, key) != -1:
+            errors.append(f"parallel.{key}: must be >= 1, or -1 (fill with the rest of the world size), "
+                          f"got {getattr(p, key)}")
     if valid("parallel.dp_replicate", "parallel.dp_shard") and p.dp_replicate == -1 and p.dp_shard == -1:
         errors.append("parallel: dp_replicate and dp_shard cannot both be -1 (fill); set one of them")
 
@@ -327,26 +383,46 @@ def check_values(recipe: Recipe, rejected: set[str] = frozenset()) -> list[str]:
         errors.append("stages: a recipe needs at least one [[stages]] entry")
     if recipe.stages and recipe.stages[0].growth:
         errors.append("stages.0.growth: the first stage has nothing to grow from; set its shape in [model]")
+    if recipe.metrics.wandb and valid("metrics.wandb"):
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            errors.append("metrics.wandb = true needs the wandb package: pip install 'steptitan[wandb]'")
     return errors
 
 
-def parallel_degrees(parallel: ParallelConfig, world_size: int, where: str = "the job") -> tuple[int, int]:
-    """(dp_replicate, dp_shard) for ``world_size`` ranks, -1 filled in; RecipeError if they do not multiply
-    to the world size. ``where`` names the world size in the message (e.g. "--world-size 8")."""
+def parallel_degrees(parallel: ParallelConfig, world_size: int,
+                     where: str = "the world size (torchrun's WORLD_SIZE)") -> tuple[int, int]:
+    """(dp_replicate, dp_shard) for ``world_size`` ranks with -1 filled in; a RecipeError when they do not
+    multiply to the world size. ``where`` names the world size in messages (e.g. "--world-size")."""
     r, s = parallel.dp_replicate, parallel.dp_shard
-    if r == -1 and s == -1 or 0 in (r, s):  # check_values reports these with the recipe
+    if (r == -1 and s == -1) or min(r, s) < -1 or 0 in (r, s):  # check_values reports these with the recipe
         raise RecipeError(f"parallel: dp_replicate={r}, dp_shard={s} is not a layout (each >= 1, at most one -1)")
-    for fill, other, name in ((r, s, "dp_replicate"), (s, r, "dp_shard")):
+    for name, fill, other_name, other in (("dp_replicate", r, "dp_shard", s), ("dp_shard", s, "dp_replicate", r)):
         if fill == -1 and world_size % other:
-            raise RecipeError(f"parallel.{name}=-1 fills the world size, but {where} has {world_size} rank(s), "
-                              f"not a multiple of parallel.{'dp_shard' if name == 'dp_replicate' else 'dp_replicate'}"
-                              f"={other}")
+            raise RecipeError(f"parallel.{name}=-1 fills the world size, but {where} is {world_size}, "
+                              f"not a multiple of parallel.{other_name}={other}")
     r = world_size // s if r == -1 else r
     s = world_size // r if s == -1 else s
     if r * s != world_size:
-        raise RecipeError(f"parallel.dp_replicate ({r}) x parallel.dp_shard ({s}) = {r * s} ranks, but {where} has "
-                          f"{world_size}; the product must equal the world size (use -1 on one of them to fill)")
+        raise RecipeError(f"parallel.dp_replicate ({r}) x parallel.dp_shard ({s}) = {r * s} ranks, but {where} is "
+                          f"{world_size}; the product must equal the world size (-1 on one of them fills it)")
     return r, s
+
+
+def missing_files(recipe: Recipe) -> list[str]:
+    """Input files the recipe names that do not exist (data files, the tokenizer), one message each.
+
+    ``--dry-run`` and ``steptitan sweep --check`` report them without reading any data; at launch
+    steptitan.data raises the same problem as a DataError."""
+    d = recipe.data
+    out = [f"data.{key}: {f!r} does not exist" for key in ("files", "val_files") for f in getattr(d, key)
+           if not Path(os.path.expanduser(f)).is_file()]
+    if d.tokenizer:
+        tok = Path(os.path.expanduser(d.tokenizer))
+        if not (tok.is_file() or (tok / "tokenizer.json").is_file()):
+            out.append(f"data.tokenizer: {d.tokenizer!r} is neither a tokenizer.json nor a folder with one")
+    return out
 
 
 def to_dict(recipe: Recipe) -> dict[str, Any]:

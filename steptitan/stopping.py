@@ -3,9 +3,10 @@
 * **SIGTERM** is what cluster schedulers (and ``torchrun``, when it is itself
   SIGTERMed) send before they kill a job. Before the process group exists it
   ends the process at once (nothing to save). Afterwards the handler only sets
-  a flag; at the next step boundary every rank all-reduces it (so ranks that
-  got the signal at slightly different moments, or not at all, agree on one
-  step), saves a checkpoint of that step and leaves with ``EXIT_PREEMPTED``.
+  a flag; the next training step all-reduces it together with its loss (so
+  ranks that got the signal at slightly different moments, or not at all,
+  agree on one step, at no extra host-device sync), saves a checkpoint of
+  that step at its end and leaves with ``EXIT_PREEMPTED``.
   torchrun gives its workers 30 s between its SIGTERM and its SIGKILL, so a
   step plus a save must fit in the scheduler's grace period.
 * **Ctrl-C / SIGINT** (and a ``SystemExit`` raised inside training) stop the
@@ -51,6 +52,12 @@ def defer_sigterm() -> None:
     _state["deferred"] = True
 
 
+def sigterm_flag() -> float:
+    """1.0 if this rank got SIGTERM, else 0.0 (no communication). The trainer all-reduces it with the
+    step's loss, so the ranks agree on the step to stop at without a second host-device sync."""
+    return 1.0 if _state["sigterm_at"] else 0.0
+
+
 def stop_requested(device: torch.device) -> bool:
     """True on every rank if any rank got SIGTERM (one all-reduce of a flag: all ranks take the same branch)."""
     import torch.distributed as dist
@@ -59,6 +66,37 @@ def stop_requested(device: torch.device) -> bool:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item())
+
+
+def _on_sigint(signum, frame) -> None:
+    if _state.get("sigint"):  # a second SIGINT must not interrupt the clean exit of the first
+        return
+    _state["sigint"] = True
+    raise KeyboardInterrupt
+
+
+def install_sigint_once() -> None:
+    """Ctrl-C raises KeyboardInterrupt once; later SIGINTs are ignored. A terminal's Ctrl-C reaches
+    torchrun, which sends its own SIGINT to every worker too; a second KeyboardInterrupt landing
+    in the first one's exit path would end in a traceback instead of the one line."""
+    signal.signal(signal.SIGINT, _on_sigint)
+
+
+def reports_interrupt(rank: int, watchdog, wait_s: float = 2.0) -> bool:
+    """Whether this rank prints the Ctrl-C line: rank 0 always; another rank unless rank 0 says within
+    ``wait_s`` that it was interrupted too (a Ctrl-C that reached every rank gets one line, not one
+    per rank). A rank interrupted alone still speaks, since its peers only see it leave."""
+    if rank == 0 or watchdog is None:
+        return True
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        status = watchdog.peer_status(0) or ""
+        if status.startswith("failed:interrupted"):
+            return False
+        if status.startswith("failed:") or status == "done":
+            return True
+        time.sleep(0.05)
+    return True
 
 
 def interrupted_message(rank: int, exc: BaseException, position: tuple[int, str, int] | None, run_dir: Path) -> str:

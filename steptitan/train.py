@@ -9,15 +9,14 @@ and no hung ranks -- then start the process group and train.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Sequence
 
 from steptitan.data import DataError, check_data_fits, prepare_data
 from steptitan.distributed import env_world_size
-from steptitan.plan import StagePlan, build_plan, format_plan
-from steptitan.recipe import Recipe, RecipeError, load_recipe, to_dict
+from steptitan.plan import StagePlan, build_plan
+from steptitan.recipe import Recipe, RecipeError, load_recipe, parallel_degrees
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -28,7 +27,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("recipe", help="path to a TOML recipe")
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
-    parser.add_argument("--dry-run", action="store_true", help="print the resolved recipe and stage plan, then exit")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the recipe and its data files; print the stage plan and predicted memory, then exit")
+    parser.add_argument("--json", action="store_true", help="with --dry-run: print the full resolved recipe as JSON instead")
     parser.add_argument("--world-size", type=int, default=None,
                         help="ranks to predict memory for in --dry-run (default: torchrun's WORLD_SIZE, else 1)")
     return parser.parse_intermixed_args(argv)  # options may come after key=value overrides and vice versa
@@ -50,28 +51,15 @@ EXIT_PEER_FAILED = 4  # another rank died or hung (watchdog) or a collective fai
 # 130 = interrupted (Ctrl-C / SystemExit, no save): steptitan/stopping.py
 
 
-def format_predicted_memory(recipe: Recipe, plans: list[StagePlan], world_size: int) -> str:
-    """--dry-run: the planner's per-rank memory prediction for every stage (steptitan/memory.py)."""
-    from steptitan.memory import predict_recipe
-    from steptitan.metrics import fmt_bytes
-
-    rows = [f"predicted memory per rank, {world_size} rank(s) (model states exact, activations estimated):",
-            f"{'stage':<14}{'params':>12}{'grads':>12}{'optimizer':>12}{'model states':>14}{'activations':>13}{'total':>12}"]
-    for stage in predict_recipe(recipe, plans, world_size):
-        peak = max(stage.per_rank, key=lambda r: r["model_states"])
-        params = peak.get("params_trainable", 0) + peak.get("params_frozen", 0)
-        rows.append(f"{stage.name:<14}{fmt_bytes(params):>12}{fmt_bytes(peak.get('grads', 0)):>12}"
-                    f"{fmt_bytes(peak.get('optimizer', 0)):>12}{fmt_bytes(stage.peak_model_states):>14}"
-                    f"{fmt_bytes(stage.activations):>13}{fmt_bytes(stage.peak_total):>12}")
-    return "\n".join(rows)
-
-
-def machine_memory_bytes() -> tuple[int, str]:
-    """(bytes, what) one rank may use at most: the GPU's memory, else this host's RAM (/proc/meminfo)."""
+def machine_memory_bytes(backend: str = "auto") -> tuple[int, str]:
+    """(bytes, what) one rank may use at most: its GPU's memory (nccl), else this host's RAM (/proc/meminfo)."""
     import torch
 
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", "0")))
+    from steptitan.device import pick_device
+
+    device, _ = pick_device(backend, int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
         return props.total_memory, f"GPU {props.name} has {props.total_memory / 2**30:.1f} GiB"
     try:
         kib = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemTotal:"))
@@ -93,14 +81,17 @@ def check_memory_fits(recipe: Recipe, plans: list[StagePlan]) -> None:
     from steptitan.memory import predict_recipe
     from steptitan.metrics import fmt_bytes
 
-    limit, what = machine_memory_bytes()
+    try:
+        limit, what = machine_memory_bytes(recipe.training.backend)
+    except ValueError as exc:  # backend = "nccl" on a machine without a GPU
+        raise RecipeError(str(exc)) from None
     for stage in predict_recipe(recipe, plans, env_world_size()):
         if stage.peak_total > limit:
             raise RecipeError(
                 f"stage {stage.index} ({stage.name}) needs about {fmt_bytes(stage.peak_total)} per rank "
                 f"(model states {fmt_bytes(stage.peak_model_states)} + activations {fmt_bytes(stage.activations)}; "
                 f"{stage.trainable_params:,} trainable / {stage.frozen_params:,} frozen parameters) but {what}; "
-                f"shrink the model (model.dim, n_layers, a PEFT rank), the batch, or use more ranks "
+                f"shrink the model (model.dim, n_layers, a PEFT rank), the batch, or shard over more ranks (parallel.dp_shard) "
                 f"(see `steptitan train RECIPE --dry-run`)")
 
 
@@ -110,19 +101,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     rank = int(os.environ.get("RANK", "0"))
     stopping.install_sigterm_handler()  # SIGTERM before the process group: exit at once, code 5
+    stopping.install_sigint_once()
+    from steptitan.metrics import setup_logging
+
+    setup_logging(rank, verbose=False)  # before plugins load: a library's import-time warning is shown by rank 0 only
     try:
         args, recipe, plans = resolve(argv)
-        if args.dry_run:
-            if rank == 0:
-                print(json.dumps(to_dict(recipe), indent=1))
-                print(format_plan(plans))
-                print(format_predicted_memory(recipe, plans, args.world_size or env_world_size()))
-            return 0
+        if args.dry_run:  # steptitan/dryrun.py; exit 2 when a data file is missing
+            from steptitan.dryrun import dry_run
+
+            return dry_run(recipe, plans, args.world_size or env_world_size(), args.json) if rank == 0 else 0
         finished = rundir.finished_message(recipe)  # every rank: torchrun does not stop peers of a rank exiting 0
         if finished:
             if rank == 0:
                 print(f"steptitan: {finished}", file=sys.stderr)
             return EXIT_OK
+        dp_replicate = parallel_degrees(recipe.parallel, env_world_size())[0]  # a bad layout: one clear message
         check_memory_fits(recipe, plans)
         run_lock = rundir.prepare_run_dir(recipe, plans) if rank == 0 else None  # noqa: F841 -- the lock is held while this reference lives (to the end of main)
         data = prepare_data(recipe.data, recipe.model.vocab_size)
@@ -136,15 +130,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # Heavy imports and the process group only after everything is validated.
     from steptitan.distributed import init_distributed, shutdown_distributed
-    from steptitan.metrics import setup_logging
+    from steptitan.trackers import TrackerError
     from steptitan.trainer import Trainer, TrainingError
 
     setup_logging(rank)
-    if recipe.training.deterministic:
-        import torch
+    from steptitan.device import set_deterministic
 
-        torch.use_deterministic_algorithms(True)
-    env = init_distributed(recipe.training.backend, timeout_s=recipe.training.collective_timeout_s)
+    set_deterministic(recipe.training.deterministic)  # before any CUDA work: CUBLAS_WORKSPACE_CONFIG
+    env = init_distributed(recipe.training.backend, timeout_s=recipe.training.collective_timeout_s,
+                           dp_replicate=dp_replicate)
     from steptitan.watchdog import start_watchdog
 
     watchdog = start_watchdog(env.rank, env.world_size, recipe.training.heartbeat_timeout_s)
@@ -165,19 +159,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         return stopping.EXIT_PREEMPTED
     except (KeyboardInterrupt, SystemExit) as exc:  # not a clean finish: leave alone, peers learn it by heartbeat
         status = f"failed:interrupted ({type(exc).__name__})"
-        print(stopping.interrupted_message(env.rank, exc, getattr(trainer, "position", None), recipe.run_dir),
-              file=sys.stderr)
+        if watchdog is not None:
+            watchdog.stop(status)  # tell the peers first: rank 0 speaks for a Ctrl-C that reached every rank
+        if stopping.reports_interrupt(env.rank, watchdog):
+            print(stopping.interrupted_message(env.rank, exc, getattr(trainer, "position", None), recipe.run_dir),
+                  file=sys.stderr)
         return stopping.EXIT_INTERRUPTED
+    except TrackerError as exc:  # raised on every rank together (trackers.start_trackers), before training
+        if env.is_main:
+            print(f"steptitan: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except DiskSpaceError as exc:  # maybe on this rank only: peers learn it through the heartbeat store
         status = f"failed:{type(exc).__name__}: disk full"
         print(f"steptitan: error on rank {env.rank}: {exc.strerror}", file=sys.stderr)
         return EXIT_TRAINING
     except Exception as exc:
-        import torch.distributed as dist
+        from steptitan.device import is_peer_failure
 
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         status = f"failed:{type(exc).__name__}: {first_line}"
-        if isinstance(exc, dist.DistError) or "gloo" in str(exc).lower():
+        if is_peer_failure(exc):  # gloo or NCCL (docs/gpu.md)
             # A collective timed out or a peer's connection dropped: a peer died or hung.
             print(f"steptitan: error on rank {env.rank}: a collective failed, another rank died or hung "
                   f"(training.collective_timeout_s={recipe.training.collective_timeout_s:g}): {first_line}",

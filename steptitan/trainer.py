@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torchtitan.components.lr_scheduler import build_lr_schedulers
@@ -25,10 +26,10 @@ from torchtitan.distributed.utils import clip_grad_norm_
 from steptitan.checkpoint import Checkpointer, CheckpointInfo, read_checkpoint
 from steptitan import faults, stopping
 from steptitan.data import BlockSampler, PreparedData
-from steptitan.distributed import DistEnv, all_gather_object, all_reduce_sum, reshard, shard_model
+from steptitan.device import DTYPES, collect_garbage, compile_blocks, compute_dtype_name, drop_gradients
+from steptitan.distributed import DistEnv, all_gather_object, reshard, shard_model
 from steptitan.growth import SameShape
 from steptitan.metrics import (
-    MetricsLogger,
     cuda_peak_bytes,
     fmt_bytes,
     log,
@@ -42,6 +43,8 @@ from steptitan.optim import OptimizerHParams, StageLRSchedulers, build_stage_opt
 from steptitan.model import base_param_names, cast_frozen_params, init_model_weights, params_by_group
 from steptitan.peft import StepContext
 from steptitan.plan import StagePlan, plan_fingerprint
+from steptitan.progress import Progress, fmt_duration, shape_change
+from steptitan.trackers import start_trackers
 from steptitan.recipe import Recipe, to_dict
 
 
@@ -49,7 +52,6 @@ class TrainingError(RuntimeError):
     """Training cannot go on (e.g. a non-finite loss); the message names stage and step."""
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 class Trainer:
@@ -57,8 +59,12 @@ class Trainer:
         self.recipe, self.plans, self.data, self.env = recipe, plans, data, env
         self.cfg = recipe.training
         self.run_dir = recipe.run_dir
-        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", env.rank, env.world_size, recipe.checkpoint.keep_last)
-        self.metrics = MetricsLogger(self.run_dir / "tb", enabled=env.is_main)
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", env.rank, env.world_size, recipe.checkpoint.keep_last,
+                                         dp_shard=env.dp_shard)
+        self.metrics = start_trackers(recipe, env.is_main)  # TensorBoard, W&B (steptitan/trackers.py)
+        self.progress = Progress(plans, [stage_flops_per_token(p, self.cfg.seq_len, self.cfg.activation_checkpointing).total
+                                         for p in plans])  # elapsed time and ETAs (steptitan/progress.py)
+        self.peft_counts: dict[str, float] = {}  # PEFT event counters at the last log step
         self.train_data = BlockSampler(data.tokens("train"), self.cfg.seq_len, self.cfg.seed)
         self.val_data = BlockSampler(data.tokens("val"), self.cfg.seq_len, self.cfg.seed, shuffle=False)
         # Counters saved in every checkpoint ("trainer state").
@@ -91,15 +97,18 @@ class Trainer:
                 resume = None
             else:
                 old_model, old_optimizer = model, getattr(self, "optimizer", None)
-                model = self.build_stage_model(plan, grow_from=old_model, prev=prev)
+                model = self.build_stage_model(plan, grow_from=old_model, prev=prev,
+                                               init_from=self.recipe.model.init_from if plan.index == 0 else None)
                 self.build_optimizer(plan, model)
                 if plan.growth is not None and prev is not None:  # Adam moments across growth, per the operator's policy
                     reshard(old_model)
                     reshard(model)
                     plan.growth.carry_optimizer_state(old_model, old_optimizer, model, self.optimizer, prev.shape)
+                drop_gradients(old_model, old_optimizer)  # the previous stage is done: free it now (docs/gpu.md)
                 del old_model, old_optimizer
+                collect_garbage()  # FSDP2 modules are reference cycles: nothing is freed until a collection
                 start_step = 0
-            log.info(f"== stage {plan.index} ({plan.name}): {plan.shape.n_layers} layers, "
+            log.info(f"== stage {plan.index} ({plan.name}): {plan.shape.n_layers} layers x dim {plan.shape.dim}, "
                      f"{plan.trainable_params:,} trainable / {plan.frozen_params:,} frozen params, steps {start_step}->{plan.steps}")
             tokens = self.train_stage(plan, model, start_step)
             self.end_stage(plan, model, wall=time.perf_counter() - t0, tokens=tokens)
@@ -122,14 +131,28 @@ class Trainer:
 
     # ------------------------------------------------------------------ building a stage
 
-    def build_stage_model(self, plan: StagePlan, grow_from: nn.Module | None = None, prev: StagePlan | None = None) -> nn.Module:
-        """Meta model + PEFT -> FSDP2 -> materialise + init -> (growth from the previous stage) -> PEFT init."""
+    def build_stage_model(self, plan: StagePlan, grow_from: nn.Module | None = None, prev: StagePlan | None = None,
+                          init_from: str | None = None) -> nn.Module:
+        """Meta model + PEFT -> FSDP2 -> materialise + init -> (HF weights | growth from the previous stage) -> PEFT init.
+
+        ``init_from``: a Hugging Face Llama folder whose weights replace the random init (model.init_from;
+        steptitan/hf.py), each rank reading only its shard's rows."""
         model = plan.build()
         cast_frozen_params(model, DTYPES[self.cfg.frozen_dtype])  # the precision policy's frozen storage
-        shard_model(model, self.env.mesh, DTYPES[self.cfg.dtype], torch.float32, self.cfg.activation_checkpointing)
+        compute = DTYPES[compute_dtype_name(self.cfg.dtype, self.env.device.type)]  # "auto": bf16 on CUDA
+        shard_model(model, self.env.mesh, compute, torch.float32, self.cfg.activation_checkpointing)
+        if self.cfg.compile:  # after activation checkpointing, as torchtitan: compile(checkpoint(block))
+            compile_blocks(model, self.cfg.compile_backend)
         model.to_empty(device=self.env.device)
         torch.manual_seed(self.cfg.seed + plan.index)
         init_model_weights(model, plan.shape, seed=self.cfg.seed + plan.index)  # same weights at any world size
+        if init_from:
+            from steptitan.hf import load_hf_weights
+
+            t = time.perf_counter()
+            n, nbytes = load_hf_weights(model, init_from, plan.shape)
+            log.info(f"stage {plan.index} starts from {init_from}: {n} tensors, {fmt_bytes(nbytes)} read by rank "
+                     f"{self.env.rank} in {time.perf_counter() - t:.2f}s")
         if grow_from is not None and prev is not None:
             reshard(grow_from)  # plugins read and write local shards; FSDP2 leaves the root unsharded after forward
             for method in prev.peft:  # fold the previous stage's adapters into its weights first
@@ -140,8 +163,8 @@ class Trainer:
             grower = plan.growth or SameShape()
             reshard(model)
             grower.grow(grow_from, model, prev.shape)
-            log.info(f"grew {prev.shape.n_layers} -> {plan.shape.n_layers} layers with "
-                     f"{getattr(grower, 'registry_name', 'copy')} in {time.perf_counter() - t:.2f}s")
+            log.info(f"grew with {getattr(grower, 'registry_name', 'copy')} in {time.perf_counter() - t:.2f}s: "
+                     f"{shape_change(prev.shape, plan.shape)}")
         if plan.growth is not None and prev is not None:  # grown or resumed: e.g. an MSG mask on the new blocks
             plan.growth.attach(model, prev.shape)
         reshard(model)
@@ -179,6 +202,7 @@ class Trainer:
         if start_step == 0:
             self.stage_losses = []  # on resume they come from the checkpoint
         self.step_time, self.step_time_tokens = 0.0, 0  # steady-state throughput: steps after the first
+        self.peft_counts = {k: v for m in plan.peft for k, v in m.counters().items()}  # log_step prints changes
         for step in range(start_step + 1, plan.steps + 1):
             self.position = (plan.index, plan.name, step)  # for the Ctrl-C line (train.py)
             t = time.perf_counter()
@@ -215,25 +239,39 @@ class Trainer:
 
     def train_step(self, plan: StagePlan, model: nn.Module, trainable: list[nn.Parameter], step: int,
                    measure_memory: bool = True):
-        """batch -> forward -> loss -> backward (x grad_accum) -> clip -> optimizer step."""
+        """batch -> forward -> loss -> backward (x grad_accum) -> clip -> optimizer step.
+
+        One host-device sync per step: the loss, the grad norm and the SIGTERM flag are read together
+        in one ``tolist`` (issue 15, defect 4); everything else stays on the device, so the host can
+        queue work ahead of it. With ``training.grad_sync = "last"`` FSDP2 reduce-scatters the
+        gradients once per step, in the last micro-batch's backward (defect 5)."""
         model.train()
         self.optimizer.zero_grad()
-        loss_sum = 0.0
-        for _ in range(self.cfg.grad_accum):
+        accum, device = self.cfg.grad_accum, self.env.device
+        defer_sync = accum > 1 and self.cfg.grad_sync == "last"
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # float64, as the Python sum it replaces
+        for k in range(accum):
+            if defer_sync:  # earlier micro-batches accumulate unsharded gradients; the last one reduce-scatters
+                model.set_requires_gradient_sync(k == accum - 1)
             inputs, labels = self.train_data.batch(self.samples_seen, self.env.rank, self.cfg.batch_size)
             self.samples_seen += self.env.world_size * self.cfg.batch_size
-            logits = model(inputs.to(self.env.device))
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.to(self.env.device).flatten())
+            logits = model(inputs.to(device))
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.to(device).flatten())
             if faults.inject_nan(plan.index, step, self.env.rank):  # tests only (STEPTITAN_INJECT_NAN)
                 loss = loss * float("nan")
-            (loss / self.cfg.grad_accum).backward()
-            loss_sum += loss.item()
+            (loss / accum).backward()
+            loss_sum += loss.detach()
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else math.inf
-        grad_norm = clip_grad_norm_(trainable, max_norm).item()
+        grad_norm_t = clip_grad_norm_(trainable, max_norm)  # already reduced over ranks; stays on the device
         # Gradients are alive now: the moment of peak model-state memory.
         memory = memory_breakdown(model, self.optimizer, [m.extra_state_bytes() for m in plan.peft]) if measure_memory else {}
-        (loss_avg,) = all_reduce_sum([loss_sum / self.cfg.grad_accum], self.env.device)
-        loss_avg /= self.env.world_size
+        # torch.full, not torch.tensor: a fill kernel, not a host-to-device copy that would wait for the stream
+        reduced = torch.stack([loss_sum / accum, torch.full((), stopping.sigterm_flag(), dtype=torch.float64, device=device)])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(reduced)
+        loss_total, sigterms, grad_norm = torch.cat([reduced, grad_norm_t.detach().double().reshape(1)]).tolist()
+        loss_avg = loss_total / self.env.world_size
+        self.stop_agreed = sigterms > 0  # any rank got SIGTERM: every rank saves at this step's end
         # loss_avg and grad_norm are reduced over all ranks, so every rank takes the same branch.
         self.last_step_skipped = not (math.isfinite(loss_avg) and math.isfinite(grad_norm))
         if self.last_step_skipped:
@@ -292,18 +330,22 @@ class Trainer:
         model.eval()
         W, B, r = self.env.world_size, self.cfg.batch_size, self.env.rank
         n_eval = min(self.cfg.eval_batches * B, self.val_data.n_blocks) if self.cfg.eval_batches else self.val_data.n_blocks
-        loss_sum = count = 0.0
+        device = self.env.device
+        loss_sum, count = torch.zeros((), dtype=torch.float64, device=device), 0  # summed on the device: one read at the end
         for k in range(math.ceil(n_eval / (W * B))):
             first = k * W * B + r * B
             indices = [g % n_eval for g in range(first, first + B)]
-            valid = torch.tensor([g < n_eval for g in range(first, first + B)])
+            n_valid = max(0, min(B, n_eval - first))  # slots g < n_eval: a prefix of the batch
             blocks = torch.from_numpy(np.stack([self.val_data.block(i) for i in indices]))
-            logits = model(blocks[:, :-1].to(self.env.device))
-            losses = F.cross_entropy(logits.flatten(0, 1).float(), blocks[:, 1:].flatten().to(self.env.device),
+            logits = model(blocks[:, :-1].to(device))
+            losses = F.cross_entropy(logits.flatten(0, 1).float(), blocks[:, 1:].flatten().to(device),
                                      reduction="none").view(B, -1).mean(dim=1)
-            loss_sum += losses[valid.to(losses.device)].sum().item()
-            count += valid.sum().item()
-        total, n = all_reduce_sum([loss_sum, count], self.env.device)
+            loss_sum += losses[:n_valid].sum().double()  # padding dropped by a slice, not a device mask
+            count += n_valid
+        totals = torch.stack([loss_sum, torch.full((), float(count), dtype=torch.float64, device=device)])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(totals)
+        total, n = totals.tolist()
         val_loss = total / max(n, 1)
         self.metrics.scalars({"val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 50))}, self.global_step)
         log.info(f"[stage {plan.index}] step {step}: val loss {val_loss:.4f}, ppl {math.exp(min(val_loss, 50)):.2f}")
@@ -315,10 +357,13 @@ class Trainer:
         val_loss = self.evaluate(plan, model, plan.steps)
         if self.recipe.checkpoint.enabled:
             self.save_checkpoint(plan, model, plan.steps)
+        if self.recipe.metrics.sample_prompts:
+            self.log_samples(plan, model)
         faults.pause_point("step", plan.index, plan.steps, self.env.rank)
         memory = memory_breakdown(model, self.optimizer, [m.extra_state_bytes() for m in plan.peft])
         groups = params_by_group(model, plan.old_layers, base_param_names(plan.shape))
-        predicted = predict_stage(plan, self.env.world_size, self.cfg)  # steptitan/memory.py, checked in BENCHMARKS.md
+        # per shard rank (HSDP replicas hold what their shard group holds); steptitan/memory.py, checked in BENCHMARKS.md
+        predicted = predict_stage(plan, self.env.dp_shard, self.cfg)
         flops = stage_flops_per_token(plan, self.cfg.seq_len, self.cfg.activation_checkpointing)
         per_rank = all_gather_object({"rank": self.env.rank, "memory": memory, "peak_rss": peak_rss_bytes(),
                                       "cuda_peak": cuda_peak_bytes(), "peak_step_memory": self.stage_peak_memory})
@@ -346,22 +391,53 @@ class Trainer:
                                  self.global_step)
         self.stage_peak_memory = {}
 
+    def log_samples(self, plan: StagePlan, model: nn.Module) -> None:
+        """metrics.sample_prompts at a stage end: every rank samples (FSDP2 forwards are collectives; a
+        fixed token count and a private generator keep ranks in step, steptitan/generate.py), rank 0 logs."""
+        from tokenizers import Tokenizer
+
+        from steptitan.generate import complete
+
+        m = self.recipe.metrics
+        tokenizer = Tokenizer.from_file(str(self.data.tokenizer_dir / "tokenizer.json"))
+        rows = [(prompt, complete(model, tokenizer, self.data.eos_id, prompt, m.sample_tokens, m.sample_temperature,
+                                  m.sample_top_k, self.cfg.seed + i, plan.shape.max_seq_len, self.env.device))
+                for i, prompt in enumerate(m.sample_prompts)]
+        for prompt, text in rows:
+            log.info(f"[stage {plan.index}] sample: {prompt + text!r}")
+        self.metrics.samples(plan.index, self.global_step, rows)
+
     def log_step(self, plan: StagePlan, step: int, loss: float, grad_norm: float, tokens_per_s: float, memory: dict[str, int]) -> None:
         lr = self.step_lr  # the LR step ``step`` used (train_step reads it before the scheduler steps)
         rss = peak_rss_bytes()
         per_rank = all_gather_object({**memory, "peak_rss": rss})
-        values = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s * 1.0, "stage": plan.index}
+        values = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s * 1.0, "stage": plan.index,
+                  "tokens_seen": self.samples_seen * self.cfg.seq_len}
+        counts = {k: v for m in plan.peft for k, v in m.counters().items()}  # e.g. relora/resets (cumulative)
+        values.update(counts)
         for r, mem in enumerate(per_rank):
             for k, v in mem.items():
                 values[f"memory/rank{r}/{k}"] = v
         self.metrics.scalars(values, self.global_step)
         log.info(f"[stage {plan.index}] step {step:>5}/{plan.steps} | loss {loss:.4f} | lr {lr:.2e} | gnorm {grad_norm:.3f} "
-                 f"| {tokens_per_s:,.0f} tok/s | model states {fmt_bytes(memory['model_states'])} | peak rss {fmt_bytes(rss)}")
+                 f"| {tokens_per_s:,.0f} tok/s | model states {fmt_bytes(memory['model_states'])} | peak rss {fmt_bytes(rss)}"
+                 + self.progress.line(plan.index, step, self.seconds_per_step(tokens_per_s)))
+        if counts != self.peft_counts:  # PEFT events since the last log line (SwitchLoRA switches, ReLoRA resets)
+            log.info(f"[stage {plan.index}] peft since the last log: " + ", ".join(
+                f"{k} +{v - self.peft_counts.get(k, 0):g} ({v:g} total)" for k, v in counts.items()))
+            self.peft_counts = counts
+
+    def seconds_per_step(self, tokens_per_s: float) -> float:
+        """This stage's steady-state seconds per step (steps after its first), else the last step's."""
+        step_tokens = self.env.world_size * self.cfg.batch_size * self.cfg.grad_accum * self.cfg.seq_len
+        if self.step_time_tokens:
+            return self.step_time * step_tokens / self.step_time_tokens
+        return step_tokens / tokens_per_s if tokens_per_s > 0 else float("nan")
 
     def stop_if_preempted(self, plan: StagePlan, model: nn.Module, step: int, saved: bool) -> None:
         """SIGTERM on any rank: every rank saves this step's checkpoint, then leaves (steptitan/stopping.py)."""
         faults.step_boundary(plan.index, step, self.env.rank)
-        if not stopping.stop_requested(self.env.device):
+        if not getattr(self, "stop_agreed", False):  # the flag rode on this step's loss all-reduce (train_step)
             return
         if not self.recipe.checkpoint.enabled:
             raise stopping.Preempted(f"at stage {plan.index} ({plan.name}), step {step}; checkpoint.enabled=false, "
@@ -375,14 +451,20 @@ class Trainer:
     def save_checkpoint(self, plan: StagePlan, model: nn.Module, step: int) -> None:
         reshard(model)
         peft_state = {str(i): m.state_dict() for i, m in enumerate(plan.peft)}
-        self.checkpointer.save(plan.index, step, model, self.optimizer, self.lr_schedulers,
-                               self.trainer_state(), peft_state)
+        t = time.perf_counter()
+        path = self.checkpointer.save(plan.index, step, model, self.optimizer, self.lr_schedulers,
+                                      self.trainer_state(), peft_state)
+        if self.env.is_main:
+            from steptitan.checkpoint import checkpoint_bytes
+
+            log.info(f"checkpoint saved: {path} ({fmt_bytes(checkpoint_bytes(path))}, {time.perf_counter() - t:.1f}s)")
 
     def trainer_state(self) -> dict[str, Any]:
         return {"plan_fingerprint": plan_fingerprint(self.plans),
                 "samples_seen": self.samples_seen, "global_step": self.global_step,
                 "skipped_steps": self.skipped_steps, "stage_summaries": json.dumps(self.stage_summaries),
-                "stage_losses": json.dumps(self.stage_losses)}
+                "stage_losses": json.dumps(self.stage_losses),
+                "elapsed_s": self.progress.elapsed()}  # wall time of the run so far, over all its launches
 
     def load_checkpoint(self, info: CheckpointInfo, plan: StagePlan, model: nn.Module) -> int:
         state = self.checkpointer.load(info, model, self.optimizer, self.lr_schedulers)
@@ -392,6 +474,7 @@ class Trainer:
         self.skipped_steps = int(trainer.get("skipped_steps", 0))
         self.stage_summaries = json.loads(trainer["stage_summaries"])
         self.stage_losses = json.loads(trainer.get("stage_losses", "[]"))
+        self.progress.before = float(trainer.get("elapsed_s", 0.0))  # time after that checkpoint is lost
         for i, method in enumerate(plan.peft):
             method.load_state_dict(state["peft"].get(str(i), {}))
         return info.step
@@ -400,14 +483,20 @@ class Trainer:
         last = self.stage_summaries[-1] if self.stage_summaries else {}
         summary = {
             "recipe": self.recipe.name, "world_size": self.env.world_size,
+            "dp_replicate": self.env.dp_replicate, "dp_shard": self.env.dp_shard,
             "final_val_loss": last.get("val_loss"), "final_val_ppl": last.get("val_ppl"),
             "peak_rss_bytes": max((s["peak_rss_bytes"] for s in self.stage_summaries), default=0),
             "peak_model_state_bytes": max((s["peak_model_state_bytes"] for s in self.stage_summaries), default=0),
             "stages": self.stage_summaries, "recipe_resolved": to_dict(self.recipe),
+            # the run's wall time over all launches (time between a resumed checkpoint and its interruption excluded)
+            "wall_time_s": self.progress.elapsed(), "tokens_seen": self.samples_seen * self.cfg.seq_len,
         }
+        self.metrics.summary({k: summary[k] for k in ("final_val_loss", "final_val_ppl", "wall_time_s", "tokens_seen",
+                                                      "peak_model_state_bytes", "peak_rss_bytes")})
         if self.env.is_main:
             tmp = self.run_dir / "summary.json.tmp"
             tmp.write_text(json.dumps(summary, indent=1))
             tmp.replace(self.run_dir / "summary.json")
-            log.info(f"summary: final val loss {summary['final_val_loss']:.4f} -> {self.run_dir / 'summary.json'}")
+            log.info(f"summary: final val loss {summary['final_val_loss']:.4f}, {summary['tokens_seen']:,} tokens in "
+                     f"{fmt_duration(summary['wall_time_s'])} -> {self.run_dir / 'summary.json'}")
         return summary

@@ -78,13 +78,13 @@ def test_every_recipe_gets_vanillas_flops_on_the_bench_shape(tmp_path):
     shape = bench.BenchShape(dim=64, layers=6, heads=2, vocab=512, ffn=176, seq_len=32, batch=2)
     text = tmp_path / "t.txt"
     text.write_text("x")
-    args = bench.parse_args(["--recipes", "vanilla,step3,step_relora", "--seeds", "2", "--budget-tokens", "4096",
+    args = bench.parse_args(["--recipes", "vanilla,step3_trainemb,step_relora", "--seeds", "2", "--budget-tokens", "4096",
                              "--world-size", "2", "--train", str(text), "--val", str(text), "--runs", str(tmp_path / "r"),
                              "--dim", "64", "--layers", "6", "--heads", "2", "--vocab", "512", "--ffn", "176",
                              "--seq-len", "32", "--batch", "2"])
     quality, memory, facts = bench.plan_runs(args, shape)
     assert facts["tokens_per_step"] == 2 * 2 * 32 and facts["vanilla_steps"] == 4096 // 128
-    assert [r.name for r in quality.runs] == ["vanilla,seed=0", "vanilla,seed=1", "step3,seed=0", "step3,seed=1",
+    assert [r.name for r in quality.runs] == ["vanilla,seed=0", "vanilla,seed=1", "step3_trainemb,seed=0", "step3_trainemb,seed=1",
                                              "step_relora,seed=0", "step_relora,seed=1"]
     from steptitan.experiments.spec import resolved_recipe
     from steptitan.flops import stage_flops_per_token
@@ -100,8 +100,24 @@ def test_every_recipe_gets_vanillas_flops_on_the_bench_shape(tmp_path):
         worst_step = max(stage_flops_per_token(p, 32).total * 128 for p in plans)
         assert abs(flops - facts["budget_flops"]) <= len(plans) * worst_step
     assert [p.shape.n_layers for p in build_plan(recipe_from_dict(resolved_recipe(quality.runs[2])))] == [2, 4, 6]
-    assert [r.name for r in memory.runs] == ["vanilla", "step3", "step_relora"]
+    assert [r.name for r in memory.runs] == ["vanilla", "step3_trainemb", "step_relora"]
     assert all(r.overrides["training.dtype"] == "bfloat16" for r in memory.runs)
+
+
+def test_embedded_corpus_is_a_training_source(tmp_path):
+    """`--train stdlib-docs` trains on the embedded corpus (no files; validation split off it), --val unused."""
+    from steptitan.experiments.spec import resolved_recipe
+    from steptitan.recipe import recipe_from_dict
+
+    shape = bench.BenchShape(dim=64, layers=6, heads=2, vocab=512, ffn=176, seq_len=32, batch=2)
+    args = bench.parse_args(["--recipes", "vanilla,step4", "--seeds", "1", "--train", "stdlib-docs", "--val", "/nonexistent",
+                             "--runs", str(tmp_path / "r"), "--dim", "64", "--layers", "6", "--heads", "2", "--vocab", "512",
+                             "--ffn", "176", "--seq-len", "32", "--batch", "2"])
+    quality, memory, _ = bench.plan_runs(args, shape)
+    for run in quality.runs + memory.runs:
+        data = recipe_from_dict(resolved_recipe(run)).data
+        assert data.files == [] and data.val_files == [] and data.hub is None
+    assert quality.nproc == 1 and memory.nproc == 2  # quality one process, memory sharded over 2 ranks (defaults)
 
 
 @pytest.mark.dist

@@ -77,7 +77,7 @@ def test_dry_run_prints_recipe_plan_and_predicted_memory(capsys):
 
     assert main([str(REPO / "recipes" / "step.toml"), "--dry-run", "--world-size", "2", "stages.1.peft.rank=4"]) == 0
     out = capsys.readouterr().out
-    assert '"rank": 4' in out  # the resolved recipe, override applied
+    assert "lora[2L] rank=4 alpha=16" in out  # the override applied, shown in the stage table
     assert "trainable" in out and "new layers:" in out  # the stage plan
     memory = out.split("predicted memory per rank, 2 rank(s)", 1)[1].splitlines()
     assert memory[1].split()[:2] == ["stage", "params"]

@@ -20,7 +20,7 @@ def test_width_recipe_grows_exactly_and_trains(tmp_path, cache_dir):
                          "training.lr=4e-3", "stages.0.steps=30", "stages.1.steps=4"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout + proc.stderr
-    assert "grew 2 -> 2 layers with bert2bert" in out
+    assert "grew with bert2bert in " in out and "s: dim 64 -> 128, heads 2 -> 4, kv heads 2 -> 4, FFN 176 -> 352, 2 layers" in out
     s0, s1 = json.loads((run_dir / "summary.json").read_text())["stages"]
     assert (s0["dim"], s1["dim"]) == (64, 128)
     # Exact growth: the wide model starts where the narrow one ended, not from scratch (ln 2048 = 7.6).

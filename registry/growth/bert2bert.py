@@ -122,10 +122,12 @@ def expand(t: torch.Tensor, axes: list[tuple[int, str, str]], maps: dict[str, Ex
         e = maps[axis]
         if e is None:
             continue
-        t = t.index_select(dim, e.index)
+        # The mapping is built on the CPU; the index and the counts go to the tensor's device
+        # (a CUDA index_select rejects a CPU index, and only 0-d CPU tensors broadcast into CUDA ops).
+        t = t.index_select(dim, e.index.to(t.device))
         shape = [1] * t.dim()
         shape[dim] = -1
-        c = e.count.to(t.dtype).view(shape)
+        c = e.count.to(t.device, t.dtype).view(shape)
         if kind == "weight" and role == "in":
             t = t / c
         elif kind == "exp_avg" and role == "out":
@@ -208,7 +210,9 @@ class Bert2Bert(GrowthOperator):
                 upper = f"layers.{min(int(j) + 1, top)}.{rest}"
                 new = maps[axes[0][1]]  # dim 0 is the output axis of every block parameter
                 if upper != name and new is not None and upper in src and new.new.any():
-                    full[new.new] = expand(full_tensor(src[upper]), axes, maps, kind)[new.new]
+                    # rows as an index built on the CPU: a boolean mask on the device would be a host sync
+                    rows = new.new.nonzero()[:, 0].to(full.device)
+                    full.index_copy_(0, rows, expand(full_tensor(src[upper]), axes, maps, kind).index_select(0, rows))
             local_tensor(t).copy_(local_part(full.to(t.dtype), t))
             filled[name] = name
         return filled

@@ -125,10 +125,10 @@ def expand(t: torch.Tensor, roles: list[tuple[int, str, str]], splits: dict[str,
         split = splits[axis]
         if split is None:
             continue
-        t = t.index_select(dim, split.index)
+        t = t.index_select(dim, split.index.to(t.device))  # CPU mapping -> the tensor's device (bert2bert.expand)
         shape = [1] * t.dim()
         shape[dim] = -1
-        t = t * factor(split, role, kind).to(t.dtype).view(shape)
+        t = t * factor(split, role, kind).to(t.device, t.dtype).view(shape)
     return t
 
 

@@ -32,6 +32,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from steptitan.distributed import shard_degree
 from steptitan.optim import OptimizerHParams, OptimizerPlugin
 from steptitan.registry import OPTIM
 
@@ -67,9 +68,8 @@ class AdamMini(OptimizerPlugin):
         self.check_available()
         from adam_mini import Adam_mini
 
-        world = 1
-        if named_params and hasattr(named_params[0][1], "device_mesh"):
-            world = named_params[0][1].device_mesh.size()
+        # the shard degree (HSDP: parallel.dp_shard), which decides the dim-0 chunk, not the world size
+        world = shard_degree(named_params[0][1]) if named_params else 1
         suffix = {"adam": "bias", "head": "wq", "row": "mlp"}  # the package's branch keywords
         renamed = [(f"p{k}.{suffix[self.branch(n, tuple(p.shape), world)]}", p) for k, (n, p) in enumerate(named_params)]
         shape = self.shape

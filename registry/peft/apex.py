@@ -309,6 +309,11 @@ class Apex(PeftMethod):
         for name, module in self.modules(model):
             module.fuse()
             module.reset_adapters(seeded_generator(self.seed, "apex", name))
+        # The stage is over: let go of its model (the plan keeps this method for the whole run, so a
+        # reference here would keep every shard of a finished stage alive; issue 15, defect 3).
+        for handle in self.handles:
+            handle.remove()
+        self.handles, self.model = [], None
 
     def extra_state_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.counts.values(), *self.selection.values()))

@@ -27,8 +27,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from steptitan.distributed import full_tensor, init_like, local_part, local_tensor, seeded_generator
 from steptitan.peft import PeftMethod, target_linears
@@ -81,10 +83,26 @@ def add_to_weight(module: LoRALinear, delta: torch.Tensor) -> None:
 
 
 @torch.no_grad()
+def add_local_product(module: LoRALinear, b_local: torch.Tensor, a_full: torch.Tensor, factor: float) -> None:
+    """W += factor * B A on this rank's rows only: B and W are both dim-0 shards of the same ``out`` rows
+    over the same mesh, so this rank's rows of B A are its rows of B times the whole A (r x in, small).
+    Building the full (out x in) delta on every rank would repeat the work and the memory W times
+    (issue 15, defect 9)."""
+    w = local_tensor(module.weight)
+    if b_local.shape[0] != w.shape[0]:
+        raise RuntimeError(f"LoRA: B holds {b_local.shape[0]} rows on this rank, W {w.shape[0]}: not sharded alike")
+    w.add_((factor * (b_local @ a_full.to(b_local.device, b_local.dtype))).to(w.dtype))
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in at least float32 (bf16 adapters are merged in float32; float64 ones stay float64)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+@torch.no_grad()
 def merge_lora_linear(module: LoRALinear) -> None:
     """W += s * B A on this rank's rows of W; then B = 0 (the function is unchanged)."""
-    delta = module.scale * (full_tensor(module.lora_B).float() @ full_tensor(module.lora_A).float())
-    add_to_weight(module, delta)
+    add_local_product(module, _wide(local_tensor(module.lora_B)), _wide(full_tensor(module.lora_A)), module.scale)
     local_tensor(module.lora_B).zero_()
 
 
@@ -107,23 +125,42 @@ def init_lora_linear(module: LoRALinear, init: str, gen: torch.Generator) -> Non
     elif init == "uniform":
         init_like(module.lora_A, uniform_fan_in_, gen)
         init_like(module.lora_B, uniform_fan_in_, gen)
-        add_to_weight(module, -module.scale * (full_tensor(module.lora_B).float() @ full_tensor(module.lora_A).float()))
+        add_local_product(module, _wide(local_tensor(module.lora_B)), _wide(full_tensor(module.lora_A)), -module.scale)
     elif init == "pissa":
-        w = full_tensor(module.weight).double()  # the same on every rank, so every rank gets the same SVD
-        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        a, b = pissa_factors(module, rank, gen)
+        for p, full in ((module.lora_A, a), (module.lora_B, b)):
+            local_tensor(p).copy_(local_part(full.float().to(local_tensor(p).device), p))
+        add_local_product(module, local_part(b.to(local_tensor(module.lora_B).device), module.lora_B), a, -module.scale)
+    else:
+        raise ValueError(f"unknown LoRA init {init!r}")
+
+
+@torch.no_grad()
+def pissa_factors(module: LoRALinear, rank: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) in float64, whole, the same on every rank: B A = the top-r singular triplets of W / s.
+
+    The float64 SVD of the whole W runs on one rank, chosen from the adapter's seed so the SVDs of a
+    model's linears spread over the ranks, and its factors are broadcast (r x (in + out) numbers), instead
+    of every rank repeating the same SVD (issue 15, defect 9). Every rank takes part in gathering W."""
+    w = full_tensor(module.weight)
+    sharded = isinstance(module.weight, DTensor) and dist.is_initialized() and dist.get_world_size() > 1
+    owner = gen.initial_seed() % dist.get_world_size() if sharded else 0
+    a = torch.zeros(module.lora_A.shape, dtype=torch.float64, device=w.device)
+    b = torch.zeros(module.lora_B.shape, dtype=torch.float64, device=w.device)
+    if not sharded or dist.get_rank() == owner:
+        u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
         k = min(rank, s.numel())
         root = (s[:k] / module.scale).sqrt()
-        b = torch.zeros(module.lora_B.shape, dtype=torch.float64)
-        a = torch.zeros(module.lora_A.shape, dtype=torch.float64)
         b[:, :k] = u[:, :k] * root
         a[:k] = root[:, None] * vh[:k]
         if k < rank:  # r > min(out, in): extra directions get a random A row (B = 0), never A = B = 0
-            a[k:] = torch.empty(rank - k, a.shape[1]).uniform_(-1.0, 1.0, generator=gen).double() / math.sqrt(a.shape[1])
-        for p, full in ((module.lora_A, a), (module.lora_B, b)):
-            local_tensor(p).copy_(local_part(full.float().to(local_tensor(p).device), p))
-        add_to_weight(module, -module.scale * (b @ a).float())
-    else:
-        raise ValueError(f"unknown LoRA init {init!r}")
+            extra = torch.empty(rank - k, a.shape[1]).uniform_(-1.0, 1.0, generator=gen).double() / math.sqrt(a.shape[1])
+            a[k:] = extra.to(a.device)
+    del w
+    if sharded:
+        dist.broadcast(a, owner)
+        dist.broadcast(b, owner)
+    return a, b
 
 
 @PEFT.register("lora")

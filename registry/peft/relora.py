@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from steptitan.distributed import full_tensor, local_part, local_tensor, seeded_generator
+from steptitan.metrics import log
 from steptitan.peft import StepContext, optimizer_state
 from steptitan.registry import PEFT
 from steptitan.registry.peft.lora import LoRA, LoRAOptions, merge_lora_linear
@@ -54,18 +55,19 @@ def prune_mask(state: torch.Tensor, mode: str, ratio: float, gen: torch.Generato
     """Local boolean mask of the entries of ``state`` (possibly sharded) to zero.
 
     Computed from the full tensor so every rank agrees on the threshold / the
-    random choice; exactly floor(ratio * numel) entries for ``random``, and the
-    entries at or below the ratio-quantile of |x| for ``magnitude``.
+    random choice. Exactly floor(ratio * numel) entries either way: the ``random``
+    draw, or the k smallest |x| for ``magnitude`` (ties at the threshold broken by
+    position, so equal magnitudes never prune more than asked).
     """
     full = full_tensor(state).detach().float()
     n, k = full.numel(), int(ratio * full.numel())
     if k == 0:
         return torch.zeros_like(local_tensor(state), dtype=torch.bool)
-    if mode == "magnitude":
-        threshold = full.abs().flatten().kthvalue(k).values
-        return local_tensor(state).abs() <= threshold
     chosen = torch.zeros(n, dtype=torch.bool)
-    chosen[torch.randperm(n, generator=gen)[:k]] = True
+    if mode == "magnitude":
+        chosen[full.abs().flatten().argsort(stable=True)[:k]] = True
+    else:
+        chosen[torch.randperm(n, generator=gen)[:k]] = True
     return local_part(chosen.view(full.shape).to(local_tensor(state).device), state)
 
 
@@ -133,6 +135,13 @@ class ReLoRA(LoRA):
                 reset_adapter_state(optimizer_state(optimizer, getattr(module, pname)),
                                     self.options.optimizer_reset, self.options.prune_ratio, gen)
         self.resets += 1
+        o = self.options
+        pruned = "reset" if o.optimizer_reset == "full" else f"{o.optimizer_reset}-pruned ({o.prune_ratio:g})"
+        log.info(f"relora: reset {self.resets} after step {step}: B A merged into W on {len(self.modules(model))} "
+                 f"linears, A re-drawn, B = 0, adapters' optimizer state {pruned}")
+
+    def counters(self) -> dict[str, float]:
+        return {"relora/resets": self.resets}
 
     def state_dict(self) -> dict[str, Any]:
         return {"resets": self.resets}

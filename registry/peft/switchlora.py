@@ -29,8 +29,11 @@ Under FSDP2: which vectors and which candidates are switched comes from a
 generator seeded by (seed, linear, step), so every rank makes the same choice.
 W and B are sharded on their output rows, so column switches are shard-local;
 row switches gather A (r x in, small) and the chosen candidates. The pools are
-per-rank shards (A candidates split along ``in``, B candidates along ``out``);
-a checkpoint stores each rank's shards, so resume needs the same world size.
+per-rank shards (A candidates split along ``in``, B candidates along ``out``)
+over the shard group; under HSDP every replica of a shard holds the same pool
+(the same seeded choices on the same weights). A checkpoint stores each rank's
+shards; a resume with another shard degree concatenates the saved shards and
+re-shards them (``load_state_dict``).
 """
 
 from __future__ import annotations
@@ -46,11 +49,12 @@ from torch import nn
 from steptitan.distributed import (
     full_tensor,
     gather_rows,
-    global_rows,
     local_part,
     local_rows,
     local_tensor,
     seeded_generator,
+    shard_degree,
+    shard_index,
     shard_rows,
 )
 from steptitan.optim import AdamWSliceSteps
@@ -72,6 +76,14 @@ class SwitchLoRAOptions(LoRAOptions):
     pool_device: Literal["cpu", "model"] = "cpu"  # where candidate pools live: cpu, or the parameters' device
 
 
+def held_rows(param: torch.Tensor) -> torch.Tensor:
+    """Global indices of the dim-0 rows of ``param`` this rank holds, computed on the CPU from the
+    shard layout (FSDP2's torch.chunk rule): no device tensor, so no host-device sync to use them."""
+    n, degree, index = param.shape[0], shard_degree(param), shard_index(param)
+    start = min(n, index * math.ceil(n / degree))
+    return torch.arange(start, start + local_rows(n, degree, index))
+
+
 # --------------------------------------------------------------------------- the method
 
 
@@ -88,6 +100,7 @@ class SwitchLoRA(LoRA):
         self.frozen_B: dict[str, torch.Tensor] = {}
         self.switches = 0
         self._saved: list[tuple] = []  # frozen vectors saved before the optimizer step
+        self.shard_degree, self.shard_index = 1, 0  # the pools' layout: this rank holds chunk shard_index of shard_degree
 
     def pool_size(self, module: nn.Linear) -> int:
         return self.options.pool_size or min(module.in_features, module.out_features)
@@ -100,6 +113,7 @@ class SwitchLoRA(LoRA):
         for name, module in self.modules(model):
             gen = seeded_generator(self.seed, name, "pools")
             p, a, b = self.pool_size(module), module.lora_A, module.lora_B
+            self.shard_degree, self.shard_index = shard_degree(a), shard_index(a)
             # Candidates follow the "uniform" init of the vectors they replace (fan-in in for A, r for B).
             cand_a = torch.empty(p, module.in_features).uniform_(-1, 1, generator=gen) / math.sqrt(module.in_features)
             cand_b = torch.empty(module.out_features, p).uniform_(-1, 1, generator=gen) / math.sqrt(a.shape[0])
@@ -132,15 +146,18 @@ class SwitchLoRA(LoRA):
     # ------------------------------------------------------------------ freeze
 
     def frozen_vectors(self, model: nn.Module, step: int):
-        """(module, param, dim, local indices) of the vectors frozen during optimizer step ``step``."""
+        """(module, param, dim, local indices) of the vectors frozen during optimizer step ``step``.
+
+        The bookkeeping stays on the CPU: a mask on the GPU and its ``.any()`` for every linear would
+        cost a host-device sync per step even when nothing is frozen (issue 15, defect 4). Only the
+        indices of frozen vectors travel to the device, without waiting (``non_blocking``)."""
         for name, module in self.modules(model):
-            a_rows = global_rows(module.lora_A)
-            frozen_rows = self.frozen_A[name].to(a_rows.device)[a_rows] >= step
-            if frozen_rows.any():
-                yield module.lora_A, 0, frozen_rows.nonzero()[:, 0]
-            frozen_cols = (self.frozen_B[name] >= step).nonzero()[:, 0]
-            if frozen_cols.numel():
-                yield module.lora_B, 1, frozen_cols.to(local_tensor(module.lora_B).device)
+            rows = (self.frozen_A[name][held_rows(module.lora_A)] >= step).nonzero()[:, 0]
+            if rows.numel():
+                yield module.lora_A, 0, rows.to(local_tensor(module.lora_A).device, non_blocking=True)
+            cols = (self.frozen_B[name] >= step).nonzero()[:, 0]
+            if cols.numel():
+                yield module.lora_B, 1, cols.to(local_tensor(module.lora_B).device, non_blocking=True)
 
     @torch.no_grad()
     def before_optimizer_step(self, ctx: StepContext) -> None:
@@ -183,12 +200,14 @@ class SwitchLoRA(LoRA):
         A, B, W = module.lora_A, module.lora_B, module.weight
         a_full = full_tensor(A).float()
         pool = self.pools[name]["A"]
+        slots = slots.to(pool.device, non_blocking=True)  # a device pool (pool_device = "model") takes a device index
         cand = gather_rows(pool[:, slots].float(), A, module.in_features).t()  # (k, in)
-        old = a_full[rows].clone()
+        on_device = rows.to(a_full.device, non_blocking=True)  # CPU bookkeeping -> device index, no wait
+        old = a_full.index_select(0, on_device)
         w = local_tensor(W)
         b_local = local_tensor(B).float()
-        w.add_((module.scale * b_local[:, rows.to(b_local.device)] @ (old - cand)).to(w.dtype))
-        a_full[rows] = cand
+        w.add_((module.scale * b_local.index_select(1, on_device) @ (old - cand.to(old.device))).to(w.dtype))
+        a_full.index_copy_(0, on_device, cand.to(a_full.device))
         local_tensor(A).copy_(local_part(a_full.to(local_tensor(A).dtype), A))
         pool[:, slots] = shard_rows(old.t().contiguous(), A).to(pool.device, pool.dtype)
         self.reset_state(optimizer, A, 0, rows)
@@ -204,11 +223,12 @@ class SwitchLoRA(LoRA):
         a_full = full_tensor(A).float()
         b = local_tensor(B)
         pool = self.pools[name]["B"]
+        slots = slots.to(pool.device, non_blocking=True)
         cand = pool[:, slots].to(b.device, torch.float32)  # (out_local, k)
-        local_cols = cols.to(b.device)
+        local_cols = cols.to(b.device, non_blocking=True)
         old = b[:, local_cols].float()
         w = local_tensor(W)
-        w.add_((module.scale * (old - cand) @ a_full[cols]).to(w.dtype))
+        w.add_((module.scale * (old - cand) @ a_full.index_select(0, local_cols.to(a_full.device))).to(w.dtype))
         b[:, local_cols] = cand.to(b.dtype)
         pool[:, slots] = old.to(pool.device, pool.dtype)
         self.reset_state(optimizer, B, 1, cols)
@@ -222,20 +242,34 @@ class SwitchLoRA(LoRA):
         state = optimizer_state(optimizer, param)
         if not state:
             return
-        if dim == 0:  # rows of a dim-0-sharded tensor: keep those this rank holds
-            held = global_rows(param)
-            mask = torch.isin(held, index.to(held.device))
-            local_index = mask.nonzero()[:, 0]
+        if dim == 0:  # rows of a dim-0-sharded tensor: keep those this rank holds (found on the CPU)
+            local_index = torch.isin(held_rows(param), index.cpu()).nonzero()[:, 0]
         else:
-            local_index = index.to(local_tensor(param).device)
+            local_index = index.cpu()
         for key in (*MOMENTS, "step"):
             if key in state:
                 t = local_tensor(state[key])
                 if key == "step" and t.dim() == 0:
                     raise RuntimeError("SwitchLoRA needs per-row step counts (steptitan.optim.AdamWSliceSteps)")
-                t.index_fill_(dim, local_index.to(t.device), 0)
+                t.index_fill_(dim, local_index.to(t.device, non_blocking=True), 0)
+
+    @torch.no_grad()
+    def merge(self, model: nn.Module) -> None:
+        """LoRA's merge, then drop the candidate pools: merge ends the stage (before the next growth, or
+        for export), and the plan keeps this method alive for the whole run, so the pools would stay
+        resident through every later stage (issue 15, defect 3)."""
+        super().merge(model)
+        self.pools, self._saved = {}, []
 
     # ------------------------------------------------------------------ memory and resume
+
+    def _my_rows(self, full: torch.Tensor) -> torch.Tensor:
+        """This rank's dim-0 chunk of a whole pool (FSDP2's torch.chunk layout over the shard group)."""
+        start = min(full.shape[0], self.shard_index * math.ceil(full.shape[0] / self.shard_degree))
+        return full[start:start + local_rows(full.shape[0], self.shard_degree, self.shard_index)]
+
+    def counters(self) -> dict[str, float]:
+        return {"switchlora/switches": self.switches}
 
     def extra_state_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for pools in self.pools.values() for t in pools.values())
@@ -250,19 +284,24 @@ class SwitchLoRA(LoRA):
 
     def state_dict(self) -> dict[str, Any]:
         world = dist.get_world_size() if dist.is_initialized() else 1
-        return {"world_size": world, "switches": self.switches,
+        return {"world_size": world, "shard_degree": self.shard_degree, "switches": self.switches,
                 "pools": {n: {k: t.cpu() for k, t in p.items()} for n, p in self.pools.items()},
                 "frozen_A": dict(self.frozen_A), "frozen_B": dict(self.frozen_B)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not state:
             return
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        if state["world_size"] != world:
-            raise RuntimeError(f"SwitchLoRA candidate pools are per-rank shards saved with world size "
-                               f"{state['world_size']}; resume this checkpoint with {state['world_size']} ranks (now {world})")
-        for name, pools in state["pools"].items():
-            for key, saved in pools.items():
+        saved_degree = int(state.get("shard_degree", state["world_size"]))  # flat FSDP2 before HSDP
+        if saved_degree == self.shard_degree:
+            pools = state["pools"]
+        elif len(state.get("shards", [])) == saved_degree:  # another shard degree: re-shard the saved pools
+            pools = {name: {key: self._my_rows(torch.cat([s["pools"][name][key] for s in state["shards"]]))
+                            for key in held} for name, held in state["pools"].items()}
+        else:
+            raise RuntimeError(f"SwitchLoRA candidate pools were saved in {saved_degree} shards, this run has "
+                               f"{self.shard_degree} and the checkpoint's other shards were not given")
+        for name, held in pools.items():
+            for key, saved in held.items():
                 self.pools[name][key].copy_(saved)
         self.frozen_A = {n: t.clone() for n, t in state["frozen_A"].items()}
         self.frozen_B = {n: t.clone() for n, t in state["frozen_B"].items()}

@@ -97,7 +97,9 @@ def main(argv: list[str] | None = None) -> None:
         fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
     model.to_empty(device="cpu")
-    with torch.no_grad():
+    with torch.no_grad():  # torchtitan's own init on the shards: on a CPU mesh its ranks repeat one shard's draw
+        # (issue 11), which steptitan.model.init_model_weights fixes; this loop is the no-steptitan-code
+        # throughput reference, and the values of the weights do not change the time of a step.
         model.init_weights(buffer_device=torch.device("cpu"))
     params = [p for p in model.parameters()]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, foreach=True)

@@ -40,16 +40,30 @@ WIKITEXT = CHECKOUT.parent / "shared" / "data" / "wikitext-2"
 # name -> recipe file (relative to the checkout); --recipes also takes paths to other recipe files
 RECIPES: dict[str, str] = {
     "vanilla": "recipes/vanilla.toml",
-    "step3": "recipes/step3.toml",
+    "step3": "recipes/step3.toml",  # STEP + Adam-mini, 3 stages (issue 10's goal rows)
+    "step4": "recipes/step4.toml",  # STEP + Adam-mini, 4 stages
+    # the memory-efficient peers (GaLore / Glentis et al. tables)
+    "adam_mini": "recipes/adam_mini.toml",
+    "galore": "recipes/galore.toml",
+    "fira": "recipes/fira.toml",
+    "lora": "recipes/lora.toml",
+    "relora": "recipes/relora.toml",
+    "lowrank_tricks": "recipes/lowrank_tricks.toml",
+    # STEP + each optimizer (composites) and the earlier STEP variants (ablations)
+    "step3_adamw": "recipes/bench/step3_adamw.toml",
+    "step3_galore": "recipes/bench/step3_galore.toml",
+    "step3_fira": "recipes/bench/step3_fira.toml",
+    "step3_frozenemb": "recipes/bench/step3_frozenemb.toml",
     "step3_trainemb": "recipes/bench/step3_trainemb.toml",
     "step_noadapter": "recipes/step_noadapter.toml",
     "step_lower": "recipes/step_lower.toml",
     "step_relora": "recipes/step_relora.toml",
     "step_switchlora": "recipes/step_switchlora.toml",
-    "relora": "recipes/relora.toml",
     "switchlora": "recipes/switchlora.toml",
-    "galore": "recipes/galore.toml",
 }
+# what a bare `steptitan bench` runs: the goal rows, the peers and STEP + each optimizer
+DEFAULT_RECIPES = ["vanilla", "step3", "step4", "adam_mini", "galore", "fira", "lora", "relora", "lowrank_tricks",
+                   "step3_adamw", "step3_galore", "step3_fira", "step3_frozenemb"]
 PAPER_POLICY = {"training.dtype": "bfloat16", "training.frozen_dtype": "bfloat16"}
 MIN_BLOCK_FRACTION = 0.85  # the papers' models: transformer blocks hold most parameters (issue 10)
 
@@ -163,14 +177,20 @@ def equal_flop_steps(per_step: Sequence[float], proportions: Sequence[int], budg
 
 def _sweep(name: str, args: argparse.Namespace, runs: list[Run]) -> Sweep:
     out = Path(args.runs).resolve()
-    return Sweep(name=name, path=out, recipe=runs[0].recipe if runs else out, nproc=args.world_size, mode="grid",
+    nproc = args.memory_world_size if name == "memory" else args.world_size
+    return Sweep(name=name, path=out, recipe=runs[0].recipe if runs else out, nproc=nproc, mode="grid",
                  seeds=[], metric="final_val_loss", output_dir=out / name, template="{command}", torchrun_args=[],
                  axes={}, workdir=out, runs=runs)
 
 
 def common(args: argparse.Namespace) -> dict[str, Any]:
-    return {"data.files": [str(Path(args.train).resolve())], "data.val_files": [str(Path(args.val).resolve())],
-            "data.cache_dir": os.path.expanduser(args.cache), "data.max_chars": 0, "checkpoint.enabled": False,
+    from steptitan.data import EMBEDDED_CORPUS
+
+    if args.train == EMBEDDED_CORPUS:  # the embedded corpus: no files, validation split off (data.val_fraction)
+        data: dict[str, Any] = {"data.files": [], "data.val_files": []}
+    else:
+        data = {"data.files": [str(Path(args.train).resolve())], "data.val_files": [str(Path(args.val).resolve())]}
+    return {**data, "data.cache_dir": os.path.expanduser(args.cache), "data.max_chars": 0, "checkpoint.enabled": False,
             "training.eval_batches": args.eval_batches, "training.steps_per_log": 20}
 
 
@@ -187,6 +207,8 @@ def plan_runs(args: argparse.Namespace, shape: BenchShape) -> tuple[Sweep, Sweep
         path, short = recipe_file(name), recipe_name(name)
         layers = van_layers if short == "vanilla" else layer_overrides(path, shape)
         extra = {"training.galore.rank": max(1, shape.dim // 4)} if short == "galore" else {}
+        if short == "fira":
+            extra = {"training.optim.default.rank": max(1, shape.dim // 4)}
         per_step, proportions, _ = stage_flops(path, {**base, **layers, **extra}, args.world_size)
         steps = [van_steps] if short == "vanilla" else equal_flop_steps(per_step, proportions, budget)
         steps_of[short] = steps
@@ -288,22 +310,31 @@ def run_throughput(args: argparse.Namespace, shape: BenchShape) -> dict[str, Any
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="steptitan bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated recipe names or recipe files (default: all)")
+    ap.add_argument("--recipes", default=",".join(DEFAULT_RECIPES),
+                    help=f"comma-separated recipe names or recipe files (default: {','.join(DEFAULT_RECIPES)}; "
+                         f"known names: {', '.join(RECIPES)})")
     ap.add_argument("--parts", default="memory,quality,throughput")
-    ap.add_argument("--train", default=str(WIKITEXT / "valid.txt"), help="training text (default: WikiText-2 valid.txt)")
+    ap.add_argument("--train", default=str(WIKITEXT / "valid.txt"),
+                    help="training text (default: WikiText-2 valid.txt); 'stdlib-docs' = the embedded corpus, whose "
+                         "validation split is its last data.val_fraction (--val is then ignored)")
     ap.add_argument("--val", default=str(WIKITEXT / "test.txt"), help="validation text (default: WikiText-2 test.txt)")
     ap.add_argument("--seeds", type=int, default=3, help="seeds per recipe (0..N-1)")
     ap.add_argument("--budget-tokens", type=int, default=1_000_000, help="training tokens of vanilla's run; every recipe "
                     "gets vanilla's training FLOPs")
-    ap.add_argument("--world-size", type=int, default=2, help="torchrun processes per run")
+    ap.add_argument("--world-size", type=int, default=1,
+                    help="torchrun processes per quality run (default 1: on a small CPU box one process with all "
+                         "cores is ~3x faster than gloo ranks; the fixed-blocks eval and the world-size-independent "
+                         "init make the losses the same up to float summation order; docs/benchmark.md)")
+    ap.add_argument("--memory-world-size", type=int, default=2,
+                    help="torchrun processes per memory run (per-rank FSDP2 shards are what is measured)")
     shape = ap.add_argument_group("the benchmark shape (final model of every recipe)")
-    shape.add_argument("--dim", type=int, default=256)
-    shape.add_argument("--layers", type=int, default=12)
+    shape.add_argument("--dim", type=int, default=64)
+    shape.add_argument("--layers", type=int, default=16)
     shape.add_argument("--heads", type=int, default=4)
-    shape.add_argument("--vocab", type=int, default=2048)
-    shape.add_argument("--ffn", type=int, default=688)
+    shape.add_argument("--vocab", type=int, default=512)
+    shape.add_argument("--ffn", type=int, default=192)
     shape.add_argument("--seq-len", type=int, default=128)
-    shape.add_argument("--batch", type=int, default=8, help="sequences per rank per step")
+    shape.add_argument("--batch", type=int, default=16, help="sequences per rank per step")
     shape.add_argument("--allow-small-blocks", action="store_true",
                        help=f"allow a shape whose blocks hold < {MIN_BLOCK_FRACTION:.0%} of the parameters")
     ap.add_argument("--evals", type=int, default=10, help="evaluations per quality run (every ~1/N of its steps)")
@@ -336,7 +367,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = "steptitan bench " + " ".join(sys.argv[1:] if argv is None else argv)
     try:
         frac = check_shape(shape, args.allow_small_blocks)
-        for f in (args.train, args.val):
+        from steptitan.data import EMBEDDED_CORPUS
+
+        for f in ((args.train, args.val) if args.train != EMBEDDED_CORPUS else ()):
             if not Path(f).is_file():
                 raise BenchError(f"data file {f!r} does not exist (--train / --val; default WikiText-2 in {WIKITEXT})")
         quality, memory, facts = plan_runs(args, shape)
@@ -344,6 +377,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bench: error: {exc}", file=sys.stderr)
         return 2
     parts = set(args.parts.split(","))
+    # Threads per process = cores / processes (torchrun's default is 1 thread, which would leave cores idle).
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.world_size)))
     meta_path = Path(args.runs) / "bench.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     t0 = time.perf_counter()

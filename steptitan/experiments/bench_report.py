@@ -42,7 +42,7 @@ def memory_section(memory: dict[str, dict], ratios: dict[str, float], args: argp
     van = memory.get("vanilla", {}).get("memory")
     steps = sorted({st["steps"] for runs in memory.values() for st in runs["memory"]["stages"]})
     lines = ["## Memory: peak per-rank model-state bytes", "",
-             f"The benchmark shape, {args.world_size} ranks, the STEP paper's mixed-precision policy (bf16 compute; fp32 "
+             f"The benchmark shape, {args.memory_world_size} ranks, the STEP paper's mixed-precision policy (bf16 compute; fp32 "
              "master weights, gradients and AdamW moments for trainable parameters; bf16 frozen weights), "
              f"{'/'.join(map(str, steps))} steps per stage. *Predicted* is `steptitan.memory` (no run needed), *measured* is "
              "`metrics.memory_breakdown` of the live FSDP2 shards at the step with the largest model states.", "",

@@ -48,7 +48,8 @@ MODES = ("grid", "zip")
 SWEEP_KEYS = {"name", "recipe", "nproc", "mode", "seeds", "metric", "output_dir", "template", "set", "axes", "when", "runs",
               "torchrun_args"}
 # Recipe keys that hold file-system paths: anchored to the folder of the file that wrote them.
-PATH_KEYS = ("data.files", "data.val_files", "data.tokenizer", "data.cache_dir", "checkpoint.resume", "output_dir")
+PATH_KEYS = ("data.files", "data.val_files", "data.tokenizer", "data.cache_dir", "checkpoint.resume", "output_dir",
+             "model.init_from")
 NOT_PATHS = {"checkpoint.resume": ("auto", "never")}
 
 
@@ -305,15 +306,10 @@ def recipe_toml(data: dict[str, Any]) -> str:
 
 
 def missing_data_files(recipe: Any) -> list[str]:
-    """Data files (and a tokenizer) that a recipe names and that do not exist, as messages."""
-    d = recipe.data
-    out = [f"data.{key}: {f!r} does not exist" for key in ("files", "val_files") for f in getattr(d, key)
-           if not Path(os.path.expanduser(f)).is_file()]
-    if d.tokenizer:
-        tok = Path(os.path.expanduser(d.tokenizer))
-        if not (tok.is_file() or (tok / "tokenizer.json").is_file()):
-            out.append(f"data.tokenizer: {d.tokenizer!r} is neither a tokenizer.json nor a folder with one")
-    return out
+    """Data files (and a tokenizer) that a recipe names and that do not exist, as messages (recipe.missing_files)."""
+    from steptitan.recipe import missing_files
+
+    return missing_files(recipe)
 
 
 def check_run(run: Run) -> str | None:
