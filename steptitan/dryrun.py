@@ -80,6 +80,7 @@ def dry_run(recipe: Recipe, plans: list[StagePlan], world_size: int, as_json: bo
         print("\n".join(settings_lines(recipe, world_size)))
         print()
         print(format_plan(plans, memory, vanilla))
+        print()
         print("peft = method[layers it adapts] with rank, alpha and any non-default option; states/rank = predicted\n"
               "peak model states (params + grads + optimizer state) per rank; vs vanilla = states/rank over vanilla's")
         print()

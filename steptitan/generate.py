@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Sequence
 
 import torch
 from torch import nn
+
+from steptitan.recipe import MetricsConfig
 
 
 @torch.no_grad()
@@ -57,6 +60,17 @@ def complete(model: nn.Module, tokenizer, eos_id: int | None, prompt: str, max_n
     if eos_id is not None and eos_id in new:
         new = new[:new.index(eos_id)]
     return tokenizer.decode(new)
+
+
+def stage_samples(model: nn.Module, tokenizer_dir: Path, eos_id: int, cfg: MetricsConfig, seed: int, context: int,
+                  device: torch.device) -> list[tuple[str, str]]:
+    """(prompt, completion) for each of ``metrics.sample_prompts``, on the sharded model; every rank
+    calls it (FSDP2's forwards are collectives) with the same seeds, a fixed number of tokens each."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    return [(prompt, complete(model, tokenizer, eos_id, prompt, cfg.sample_tokens, cfg.sample_temperature,
+                              cfg.sample_top_k, seed + i, context, device)) for i, prompt in enumerate(cfg.sample_prompts)]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -33,6 +33,7 @@ import copy
 import dataclasses
 import importlib
 import math
+import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar, Iterable, Sequence
 
@@ -43,6 +44,7 @@ from torchtitan.components.lr_scheduler import LRSchedulersContainer
 from torchtitan.components.optimizer import OptimizersContainer
 
 from steptitan.distributed import local_tensor
+from steptitan.recipe import OptimGroup
 
 GROWTH_STATE_POLICIES = ("fresh", "copy")
 
@@ -264,7 +266,7 @@ class AdamWSliceSteps(torch.optim.Optimizer):
 
 # --------------------------------------------------------------------------- per-group assignment
 
-ASSIGNMENT_KEYS = ("default", "old", "new", "embeddings", "head", "adapters")
+ASSIGNMENT_KEYS: tuple[str, ...] = typing.get_args(OptimGroup)  # the schema's Literal: one list of group names
 
 
 def resolve_assignment(layers: list[tuple[dict[str, Any], str]], shape: Any = None) -> dict[str, OptimizerPlugin]:

@@ -84,11 +84,19 @@ def apply_freeze(model: nn.Module, groups: list[str], old_layers: set[int], base
             p.requires_grad_(False)
 
 
-# Upper bounds for any stage's shape (the first stage's [model] has the same ones in
-# recipe.check_values): far above any real model, low enough that building the
-# meta model for --dry-run stays fast and nothing overflows.
-SHAPE_LIMITS = {"dim": 2**20, "n_layers": 1024, "n_heads": 2**16, "n_kv_heads": 2**16,
-                "vocab_size": 2**31 - 1, "ffn_hidden": 2**24, "max_seq_len": 1_000_000}
+def _shape_limits() -> dict[str, int]:
+    """Upper bounds for any stage's shape: the ones the recipe schema puts on [model] and training.seq_len
+    (one source of truth: far above any real model, low enough that --dry-run's meta model stays fast)."""
+    import dataclasses
+
+    from steptitan.recipe import ModelConfig, TrainingConfig
+
+    limits = {f.name: f.metadata["le"] for f in dataclasses.fields(ModelConfig) if "le" in f.metadata}
+    limits["max_seq_len"] = next(f.metadata["le"] for f in dataclasses.fields(TrainingConfig) if f.name == "seq_len")
+    return limits
+
+
+SHAPE_LIMITS = _shape_limits()
 
 
 def check_shape(shape: ModelShape, where: str) -> None:

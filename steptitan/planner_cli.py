@@ -153,6 +153,10 @@ def from_recipe(args: argparse.Namespace, given: set[str]) -> tuple[ModelShape, 
             ignored.append(f"stages.{i}.peft on {p.get('layers', 'all')} layers (the planner adapts old layers only)")
         elif {**p, "layers": "old"} != {**old[0][1], "layers": "old"}:
             ignored.append(f"stages.{i}.peft differs from stage {old[0][0]}'s (the planner uses one PEFT for every stage)")
+    for i, s in enumerate(recipe.stages):
+        for k, e in enumerate(s.extra_peft):
+            if e.get("method") != "lora_embed":
+                ignored.append(f"stages.{i}.extra_peft.{k} ({e.get('method')} on {e.get('layers', 'all')} layers)")
     froze = [i for i, s in enumerate(recipe.stages) if "embeddings" in s.freeze or "head" in s.freeze]
     if "freeze_embeddings_after" not in given and "embed_lora_rank" not in given and "embed_lora_opt" not in given:
         args.freeze_embeddings_after = froze[0] if froze else None
@@ -309,6 +313,7 @@ def plan_cli(argv: Sequence[str] | None = None) -> int:
             rows.append([str(f.shape.dim), str(f.shape.n_layers), f"{f.params:,}", str(list(f.split.layers)),
                          fmt_bytes(peak), f"{v.shape.n_layers} layers, {v.params:,} params" if v else "nothing"])
         print("\n".join(format_table(["dim", "layers", "params", "split", "peak", "vanilla fits"], rows, right={0, 1, 2, 4})))
+        print()
         print(_wrap("split = new layers per stage (stage 0 = the first model); peak = the largest per-rank "
                     f"{'model states' if args.objective == 'model_states' else 'model states + activations'} over the "
                     "stages; vanilla fits = the deepest model of that width trained in full from the start"))
@@ -346,6 +351,7 @@ def plan_cli(argv: Sequence[str] | None = None) -> int:
                          "  ".join(f"{fmt_bytes(s['model_states'])}/{t:,}" for s, t in zip(r.per_stage, r.trainable))])
         print("\n".join(format_table(["#", "split", "peak states", "vs vanilla", "+ acts",
                                       "per stage: model states / trainable params"], rows, right={0, 2, 3, 4})))
+        print()
         if args.recipe_split:
             print(f"* = the recipe's own split {list(args.recipe_split)}")
         print(_wrap("split = new layers per stage (stage 0 = the first model); peak states = the largest per-rank "

@@ -34,7 +34,7 @@ DecayType = Literal["linear", "sqrt", "cosine"]
 Dtype = Literal["float32", "bfloat16"]
 LayerGroup = Literal["old", "new", "embeddings", "head"]  # what ``freeze`` may name
 PeftLayers = Literal["old", "new", "all"]  # which layers a PEFT method adapts
-OptimGroup = Literal["default", "old", "new", "embeddings", "head", "adapters"]  # keys of an optim table (optim.ASSIGNMENT_KEYS)
+OptimGroup = Literal["default", "old", "new", "embeddings", "head", "adapters"]  # keys of an optim table
 # An optim table maps a parameter group to an optimizer name or a table { name = "<optimizer>", <options> }.
 OPTIM_TABLE = {"plugin": OPTIM, "key": "name", "key_what": "parameter group"}
 

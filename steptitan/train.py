@@ -89,7 +89,8 @@ def check_memory_fits(recipe: Recipe, plans: list[StagePlan]) -> None:
         if stage.peak_total > limit:
             raise RecipeError(
                 f"stage {stage.index} ({stage.name}) needs about {fmt_bytes(stage.peak_total)} per rank "
-                f"(model states {fmt_bytes(stage.peak_model_states)} + activations {fmt_bytes(stage.activations)}; "
+                f"(model states {fmt_bytes(stage.peak_model_states)} + activations {fmt_bytes(stage.activations)} "
+                f"+ buffers {fmt_bytes(stage.peak_overheads)}; "
                 f"{stage.trainable_params:,} trainable / {stage.frozen_params:,} frozen parameters) but {what}; "
                 f"shrink the model (model.dim, n_layers, a PEFT rank), the batch, or shard over more ranks (parallel.dp_shard) "
                 f"(see `steptitan train RECIPE --dry-run`)")

@@ -31,6 +31,7 @@ from steptitan.distributed import DistEnv, all_gather_object, reshard, shard_mod
 from steptitan.growth import SameShape
 from steptitan.metrics import (
     cuda_peak_bytes,
+    cuda_reserved_bytes,
     fmt_bytes,
     log,
     memory_breakdown,
@@ -366,7 +367,8 @@ class Trainer:
         predicted = predict_stage(plan, self.env.dp_shard, self.cfg)
         flops = stage_flops_per_token(plan, self.cfg.seq_len, self.cfg.activation_checkpointing)
         per_rank = all_gather_object({"rank": self.env.rank, "memory": memory, "peak_rss": peak_rss_bytes(),
-                                      "cuda_peak": cuda_peak_bytes(), "peak_step_memory": self.stage_peak_memory})
+                                      "cuda_peak": cuda_peak_bytes(), "cuda_reserved": cuda_reserved_bytes(),
+                                      "peak_step_memory": self.stage_peak_memory})
         self.stage_summaries.append({
             "index": plan.index, "name": plan.name, "n_layers": plan.shape.n_layers, "dim": plan.shape.dim,
             "steps": plan.steps, "trainable_params": plan.trainable_params, "frozen_params": plan.frozen_params,
@@ -380,6 +382,7 @@ class Trainer:
             "peak_model_state_bytes": max(r["peak_step_memory"].get("model_states", 0) for r in per_rank),
             "predicted_model_state_bytes": [r["model_states"] for r in predicted.per_rank],
             "predicted_activation_bytes": predicted.activations,
+            "predicted_overhead_bytes": predicted.overheads,  # per rank: padding, buffers, logits, ... (flops.overhead_bytes)
             "flops_per_token": flops.as_dict(),
             "train_flops": flops.total * plan.steps * self.env.world_size * self.cfg.batch_size * self.cfg.grad_accum * self.cfg.seq_len,
             "ranks": per_rank,
@@ -387,22 +390,17 @@ class Trainer:
         for r in per_rank:  # per-stage peaks (model states at the largest step, RSS, CUDA) in TensorBoard
             step_mem = r["peak_step_memory"]
             self.metrics.scalars({f"stage_memory/rank{r['rank']}/{k}": v for k, v in
-                                  {**step_mem, "peak_rss": r["peak_rss"], "cuda_max_allocated": r["cuda_peak"]}.items()},
+                                  {**step_mem, "peak_rss": r["peak_rss"], "cuda_max_allocated": r["cuda_peak"],
+                                   "cuda_max_reserved": r["cuda_reserved"]}.items()},
                                  self.global_step)
         self.stage_peak_memory = {}
 
     def log_samples(self, plan: StagePlan, model: nn.Module) -> None:
-        """metrics.sample_prompts at a stage end: every rank samples (FSDP2 forwards are collectives; a
-        fixed token count and a private generator keep ranks in step, steptitan/generate.py), rank 0 logs."""
-        from tokenizers import Tokenizer
+        """metrics.sample_prompts at a stage end: every rank samples (steptitan/generate.py), rank 0 logs."""
+        from steptitan.generate import stage_samples
 
-        from steptitan.generate import complete
-
-        m = self.recipe.metrics
-        tokenizer = Tokenizer.from_file(str(self.data.tokenizer_dir / "tokenizer.json"))
-        rows = [(prompt, complete(model, tokenizer, self.data.eos_id, prompt, m.sample_tokens, m.sample_temperature,
-                                  m.sample_top_k, self.cfg.seed + i, plan.shape.max_seq_len, self.env.device))
-                for i, prompt in enumerate(m.sample_prompts)]
+        rows = stage_samples(model, self.data.tokenizer_dir, self.data.eos_id, self.recipe.metrics, self.cfg.seed,
+                             plan.shape.max_seq_len, self.env.device)
         for prompt, text in rows:
             log.info(f"[stage {plan.index}] sample: {prompt + text!r}")
         self.metrics.samples(plan.index, self.global_step, rows)
@@ -410,7 +408,8 @@ class Trainer:
     def log_step(self, plan: StagePlan, step: int, loss: float, grad_norm: float, tokens_per_s: float, memory: dict[str, int]) -> None:
         lr = self.step_lr  # the LR step ``step`` used (train_step reads it before the scheduler steps)
         rss = peak_rss_bytes()
-        per_rank = all_gather_object({**memory, "peak_rss": rss})
+        cuda = {"cuda_max_allocated": cuda_peak_bytes(), "cuda_max_reserved": cuda_reserved_bytes()} if self.env.device.type == "cuda" else {}
+        per_rank = all_gather_object({**memory, "peak_rss": rss, **cuda})
         values = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s * 1.0, "stage": plan.index,
                   "tokens_seen": self.samples_seen * self.cfg.seq_len}
         counts = {k: v for m in plan.peft for k, v in m.counters().items()}  # e.g. relora/resets (cumulative)
@@ -421,6 +420,8 @@ class Trainer:
         self.metrics.scalars(values, self.global_step)
         log.info(f"[stage {plan.index}] step {step:>5}/{plan.steps} | loss {loss:.4f} | lr {lr:.2e} | gnorm {grad_norm:.3f} "
                  f"| {tokens_per_s:,.0f} tok/s | model states {fmt_bytes(memory['model_states'])} | peak rss {fmt_bytes(rss)}"
+                 + (f" | cuda {fmt_bytes(cuda['cuda_max_allocated'])} allocated, {fmt_bytes(cuda['cuda_max_reserved'])} reserved"
+                    if cuda else "")
                  + self.progress.line(plan.index, step, self.seconds_per_step(tokens_per_s)))
         if counts != self.peft_counts:  # PEFT events since the last log line (SwitchLoRA switches, ReLoRA resets)
             log.info(f"[stage {plan.index}] peft since the last log: " + ", ".join(

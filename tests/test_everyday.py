@@ -61,7 +61,8 @@ def run(tmp_path_factory, cache_dir):
     proc = run_torchrun(run_args(cache_dir, run_dir, "metrics.wandb=true", "metrics.wandb_project=steptitan-test",
                                  f"metrics.sample_prompts=[{','.join(PROMPTS)}]", "metrics.sample_tokens=8",
                                  "metrics.sample_temperature=0"),
-                        env={**wandb_env(tmp), "PYTHONPATH": os.pathsep.join([str(plugin), os.environ.get("PYTHONPATH", "")])})
+                        env={**wandb_env(tmp), "PYTHONPATH": os.pathsep.join([str(plugin), os.environ.get("PYTHONPATH", "")])},
+                        timeout=1800)  # ~20 s on an idle 2-core machine
     wall = time.monotonic() - t0
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir, proc.stdout + proc.stderr, wall

@@ -58,9 +58,15 @@ def test_split_coefficients_sum_to_one_and_differ():
 
 
 def test_bad_alpha_and_mapping_are_refused():
-    for bad in (dict(alpha=0.0), dict(alpha=1.0), dict(mapping="nope")):
-        with pytest.raises(ValueError):
-            make("lemon", **bad)
+    """The recipe schema refuses them (ranges and choices declared on LemonOptions), naming the key."""
+    from conftest import REPO
+    from steptitan.recipe import RecipeError, load_recipe_dict, recipe_from_dict
+
+    for key, bad in (("alpha", 0.0), ("alpha", 1.0), ("mapping", "nope"), ("optimizer_state", "carry")):
+        data = load_recipe_dict(REPO / "recipes" / "step.toml", [])
+        data["stages"][1]["growth"] = {"name": "lemon", "dim": data["model"]["dim"] + 32, key: bad}
+        with pytest.raises(RecipeError, match=key):
+            recipe_from_dict(data)
 
 
 @settings(max_examples=25)

@@ -236,3 +236,116 @@ def test_two_by_two_mesh_helpers_and_gradient_average():
         assert out["global_rows"] == [[0, 1, 2], [3, 4]][r % 2]
         assert out["placements"] == ["Replicate", "Shard"]
         torch.testing.assert_close(torch.tensor(out["grad"]), mean, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- slow: real runs, 4 gloo ranks
+
+STAGE0, STAGE1 = 6, 4
+RTOL = 1e-4  # HSDP reduces in another order (reduce-scatter in 2, all-reduce in 2) than 4-way FSDP
+
+
+def tiny_args(cache_dir: Path, run_dir: Path, *extra: str, recipe: str = "recipes/step.toml") -> list[str]:
+    return [recipe, *wikitext_overrides(cache_dir), f"output_dir={run_dir}", "model.dim=64", "training.seq_len=32",
+            "training.batch_size=2", "training.eval_batches=2", "training.steps_per_log=1",
+            "training.deterministic=true", "training.warmup_steps=2", f"stages.0.steps={STAGE0}",
+            f"stages.1.steps={STAGE1}", "checkpoint.interval=1", *extra]
+
+
+def run(args: list[str], nproc: int, log: Path) -> dict[tuple[int, int], float]:
+    """torchrun; (stage, step) -> the all-reduced loss rank 0 logged (STEPTITAN_LOSS_LOG, exact floats)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
+           "-m", "steptitan.train", *args]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=3600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "STEPTITAN_LOSS_LOG": str(log)})
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    return {(r["stage"], r["step"]): r["loss"] for r in map(json.loads, log.read_text().splitlines())}
+
+
+def rel_diff(a: dict, b: dict) -> float:
+    assert a.keys() <= b.keys(), sorted(a.keys() - b.keys())
+    return max(abs(a[k] - b[k]) / abs(b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def four_rank_runs(tmp_path_factory, cache_dir):
+    """4-rank FSDP and 4-rank 2 x 2 HSDP, the same STEP recipe (growth + LoRA), a checkpoint every step."""
+    root = tmp_path_factory.mktemp("hsdp")
+    fsdp = run(tiny_args(cache_dir, root / "fsdp"), 4, root / "fsdp.jsonl")
+    hsdp = run(tiny_args(cache_dir, root / "hsdp", "parallel.dp_replicate=2"), 4, root / "hsdp.jsonl")
+    assert len(fsdp) == len(hsdp) == STAGE0 + STAGE1
+    return root, fsdp, hsdp
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_hsdp_matches_fsdp_through_a_growth_and_a_resume(four_rank_runs, cache_dir):
+    root, fsdp, hsdp = four_rank_runs
+    whole = rel_diff(hsdp, fsdp)
+    # Resumed on 2 x 2 from stage 0 step 4: the resumed run then grows (stage 1) itself.
+    ckpt = root / "hsdp" / "checkpoints" / "stage00-step000004"
+    resumed = run(tiny_args(cache_dir, root / "hsdp-resumed", "parallel.dp_replicate=2", f"checkpoint.resume={ckpt}"),
+                  4, root / "hsdp-resumed.jsonl")
+    assert sorted(resumed) == [(0, 5), (0, 6)] + [(1, s) for s in range(1, STAGE1 + 1)]
+    after = rel_diff(resumed, fsdp)
+    print(f"HSDP 2x2 vs FSDP 4: max relative loss difference {whole:.2e} over {len(fsdp)} steps "
+          f"(growth at step {STAGE0}); resumed 2x2 run vs FSDP {after:.2e}; resumed vs uninterrupted 2x2 "
+          f"{rel_diff(resumed, hsdp):.2e}")
+    assert whole < RTOL and after < RTOL
+    # Per-rank model states follow the shard degree: measured on rank r == predicted for shard r % 2.
+    summary = json.loads((root / "hsdp" / "summary.json").read_text())
+    assert (summary["dp_replicate"], summary["dp_shard"]) == (2, 2)
+    for stage in summary["stages"]:
+        assert len(stage["predicted_model_state_bytes"]) == 2
+        for r in stage["ranks"]:
+            assert r["peak_step_memory"]["model_states"] == stage["predicted_model_state_bytes"][r["rank"] % 2]
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_two_by_two_checkpoint_resumes_on_four_by_one_exactly_and_continues_on_one_by_two(four_rank_runs, cache_dir):
+    """DCP re-shards the 2 x 2 checkpoint (stage 1 step 2, after growth) to any layout.
+
+    4 x 1 keeps the world size, so the global batch and each rank's data: the same trajectory as the
+    uninterrupted run (up to reduction order). 1 x 2 halves the global batch: it continues, on other data."""
+    root, fsdp, hsdp = four_rank_runs
+    ckpt = root / "hsdp" / "checkpoints" / "stage01-step000002"
+    wide = run(tiny_args(cache_dir, root / "r4x1", "parallel.dp_replicate=4", f"checkpoint.resume={ckpt}"),
+               4, root / "r4x1.jsonl")
+    assert sorted(wide) == [(1, 3), (1, 4)]
+    narrow = run(tiny_args(cache_dir, root / "r1x2", f"checkpoint.resume={ckpt}"), 2, root / "r1x2.jsonl")
+    assert sorted(narrow) == [(1, 3), (1, 4)]
+    print(f"2x2 checkpoint resumed on 4x1: max relative loss difference {rel_diff(wide, hsdp):.2e} vs the "
+          f"uninterrupted 2x2 run, {rel_diff(wide, fsdp):.2e} vs FSDP; on 1x2: {rel_diff(narrow, hsdp):.2e} "
+          f"(continues on half the global batch)")
+    assert rel_diff(wide, hsdp) < RTOL
+    assert all(math.isfinite(v) for v in narrow.values()) and rel_diff(narrow, hsdp) > 10 * RTOL
+
+
+def _pools(ckpt: Path, method: str = "0") -> dict[str, torch.Tensor]:
+    """Whole SwitchLoRA pools of a checkpoint: the shards of replica 0 (ranks 0 .. dp_shard-1), concatenated."""
+    meta = json.loads((ckpt / "meta.json").read_text())
+    states = [torch.load(ckpt / f"extra-rank{r}.pt", weights_only=False)["peft"][method]
+              for r in range(meta["dp_shard"])]
+    return {f"{name}.{key}": torch.cat([s["pools"][name][key] for s in states])
+            for name, pools in states[0]["pools"].items() for key in pools}
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_switchlora_saved_on_two_by_two_resumes_on_four_by_one_with_resharded_pools(tmp_path, cache_dir):
+    """Pools are per-shard state outside DCP: from 2 shards to 4 they are concatenated and re-split."""
+    extra = ("stages.1.peft.interval0=1", "stages.1.peft.freeze_steps=1")  # several switches every step
+    args = dict(recipe="recipes/step_switchlora.toml")
+    base = run(tiny_args(cache_dir, tmp_path / "sl2x2", "parallel.dp_replicate=2", *extra, **args), 4,
+               tmp_path / "sl2x2.jsonl")
+    ckpt = tmp_path / "sl2x2" / "checkpoints" / "stage01-step000002"
+    wide = run(tiny_args(cache_dir, tmp_path / "sl4x1", "parallel.dp_replicate=4", f"checkpoint.resume={ckpt}",
+                         *extra, **args), 4, tmp_path / "sl4x1.jsonl")
+    assert sorted(wide) == [(1, 3), (1, 4)]
+    final = f"stage01-step{STAGE1:06d}"
+    a, b = _pools(tmp_path / "sl2x2" / "checkpoints" / final), _pools(tmp_path / "sl4x1" / "checkpoints" / final)
+    assert a.keys() == b.keys() and a
+    pool_diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    print(f"SwitchLoRA 2x2 -> 4x1 resume: max relative loss difference {rel_diff(wide, base):.2e}; "
+          f"whole pools at the end differ by at most {pool_diff:.2e}")
+    assert rel_diff(wide, base) < RTOL and pool_diff < 1e-4

@@ -39,7 +39,8 @@ LEMON's coefficients (docs/growth.md, "Optimizer state").
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
@@ -47,19 +48,20 @@ from steptitan.distributed import full_tensor, local_part, local_tensor, seeded_
 from steptitan.model import ModelShape
 from steptitan.registry import GROWTH
 from steptitan.growth import GrowthOperator
-from steptitan.registry.growth.bert2bert import LAYER_AXES, MAPPINGS, Bert2Bert, unit_mapping
+from steptitan.registry.growth.bert2bert import LAYER_AXES, Bert2Bert, WidthMapping, unit_mapping
 
 
 @dataclass
 class LemonOptions:
-    dim: int = 0  # target d_model; 0 = unchanged (any D >= d is exact, e.g. 96 -> 160)
-    ffn_hidden: int = 0  # target SwiGLU hidden size; 0 = unchanged
-    n_heads: int = 0  # target query heads (head_dim stays fixed); 0 = unchanged
-    n_kv_heads: int = 0  # target KV heads; 0 = keep the group size n_heads / n_kv_heads
-    alpha: float = 0.6  # split of a copied unit's fan-out: old unit alpha, copies the stick-broken rest; 0.5 with 2 copies = FPI
-    mapping: str = "cyclic"  # cyclic (u mod n) | random (seeded) | uniform (each unit k times in a row)
+    dim: int = field(default=0, metadata={"ge": 0})  # target d_model; 0 = unchanged (any D >= d is exact, e.g. 96 -> 160)
+    ffn_hidden: int = field(default=0, metadata={"ge": 0})  # target SwiGLU hidden size; 0 = unchanged
+    n_heads: int = field(default=0, metadata={"ge": 0})  # target query heads (head_dim stays fixed); 0 = unchanged
+    n_kv_heads: int = field(default=0, metadata={"ge": 0})  # target KV heads; 0 = keep the group size n_heads / n_kv_heads
+    # split of a copied unit's fan-out: old unit alpha, copies the stick-broken rest; 0.5 with 2 copies = FPI
+    alpha: float = field(default=0.6, metadata={"gt": 0, "lt": 1})
+    mapping: WidthMapping = "cyclic"  # cyclic (u mod n) | random (seeded) | uniform (each unit k times in a row)
     seed: int = 0  # seed of the random mapping
-    optimizer_state: str = "fresh"  # fresh | copy (moments grown like the gradient)
+    optimizer_state: Literal["fresh", "copy"] = "fresh"  # fresh | copy (moments grown like the gradient)
 
 
 @dataclass(frozen=True)
@@ -138,11 +140,7 @@ class Lemon(Bert2Bert):
     description = "LEMON width growth: exact, asymmetric (alpha / 1-alpha) splits that break symmetry; any d_model through RMSNorm"
 
     def __init__(self, options: LemonOptions | None = None):
-        options = options if options is not None else LemonOptions()
-        if options.mapping not in MAPPINGS:
-            raise ValueError(f"lemon.mapping must be one of {', '.join(MAPPINGS)}, got {options.mapping!r}")
-        if not 0.0 < options.alpha < 1.0:
-            raise ValueError(f"lemon.alpha must be in (0, 1) (the old unit's share of its fan-out), got {options.alpha}")
+        options = options if options is not None else LemonOptions()  # ranges and choices: checked by the schema
         GrowthOperator.__init__(self, options)  # Bert2Bert's own checks are about FPI / AKI
 
     def is_exact(self, src: ModelShape | None = None) -> bool:

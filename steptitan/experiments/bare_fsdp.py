@@ -15,6 +15,14 @@ see the same machine load step by step, which separate runs on a shared machine 
 It times ``Trainer.train_step`` (batch, forward, loss, backward, clipping, per-step memory
 accounting, the loss all-reduce, optimizer and LR step), which is what the stage loop runs for a
 vanilla recipe besides logging.
+
+``--variant k=v[,k=v]`` (repeatable, with ``--ab``) builds one Trainer per variant instead, e.g.
+``--variant training.compile=false --variant training.compile=true``, and every step runs the bare
+loop and each variant in an order that rotates by one each step; ``variants`` in the JSON gives each
+one's tokens/s. ``--compile`` compiles the bare model's blocks as steptitan does (``device.compile_blocks``,
+torchtitan's per-block compile), so compiled steptitan can be compared with compiled bare FSDP2
+(docs/bench/compile.md). The process group and device come from ``steptitan.distributed.init_distributed``
+(``--backend auto``: NCCL and the rank's GPU where there is one, gloo on the CPU otherwise).
 """
 
 from __future__ import annotations
@@ -29,7 +37,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torchtitan.distributed.utils import clip_grad_norm_
@@ -48,21 +55,27 @@ def build_steptitan(recipe_path: str, overrides: list[str]):
     plans = build_plan(recipe)
     data = prepare_data(recipe.data, recipe.model.vocab_size)
     trainer = Trainer(recipe, plans, data, init_distributed(recipe.training.backend))
+    sync = torch.cuda.synchronize if trainer.env.device.type == "cuda" else (lambda: None)
     plan = plans[0]
     model = trainer.build_stage_model(plan)
     trainer.build_optimizer(plan, model)
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     def step(i: int) -> float:
+        sync()
         t = time.perf_counter()
         # as the stage loop calls it: memory is counted on the first two steps and on log steps
         trainer.train_step(plan, model, trainable, i, measure_memory=i <= 2 or i % trainer.cfg.steps_per_log == 0)
+        sync()  # a GPU runs ahead of the host: time the work, not its queueing
         return time.perf_counter() - t
 
     return step
 
 
 def main(argv: list[str] | None = None) -> None:
+    from steptitan.device import DTYPES, compile_blocks, compute_dtype_name
+    from steptitan.distributed import init_distributed
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", required=True, help="flat token file (steptitan's cached train split)")
     ap.add_argument("--dtype", default="uint16")
@@ -77,14 +90,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--backend", default="auto", choices=["auto", "gloo", "nccl"])
+    ap.add_argument("--compute-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="FSDP2 param dtype, as training.dtype (auto: bf16 on CUDA, fp32 on the CPU)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile each block, as training.compile=true")
     ap.add_argument("--out", default=None)
     ap.add_argument("--ab", default=None, metavar="RECIPE", help="alternate steps with steptitan's Trainer on this recipe")
     ap.add_argument("--override", action="append", default=[], help="recipe override for --ab (repeatable)")
+    ap.add_argument("--variant", action="append", default=[], metavar="K=V[,K=V]",
+                    help="with --ab: one Trainer per variant (its overrides on top of --override); repeatable")
     args = ap.parse_args(argv)
 
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    mesh = init_device_mesh("cpu", (world,))
+    env = init_distributed(args.backend)
+    rank, world, device = env.rank, env.world_size, env.device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     torch.manual_seed(args.seed)
     base = int(2 * (4 * args.dim) / 3)
     margs = TransformerModelArgs(dim=args.dim, n_layers=args.layers, n_heads=args.heads, n_kv_heads=args.heads,
@@ -92,15 +111,16 @@ def main(argv: list[str] | None = None) -> None:
                                  max_seq_len=args.seq_len, attn_type="sdpa", depth_init=True)
     with torch.device("meta"):
         model = Transformer(margs)
-    mp = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+    compute = DTYPES[compute_dtype_name(args.compute_dtype, device.type)]
+    mp = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
     for block in model.layers.values():
-        fully_shard(block, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
-    model.to_empty(device="cpu")
-    with torch.no_grad():  # torchtitan's own init on the shards: on a CPU mesh its ranks repeat one shard's draw
-        # (issue 11), which steptitan.model.init_model_weights fixes; this loop is the no-steptitan-code
-        # throughput reference, and the values of the weights do not change the time of a step.
-        model.init_weights(buffer_device=torch.device("cpu"))
+        fully_shard(block, mesh=env.mesh, mp_policy=mp)
+    fully_shard(model, mesh=env.mesh, mp_policy=mp)
+    if args.compile:
+        compile_blocks(model)
+    model.to_empty(device=device)
+    with torch.no_grad():
+        model.init_weights(buffer_device=device)
     params = [p for p in model.parameters()]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, foreach=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (args.warmup + 1)) * (
@@ -111,18 +131,15 @@ def main(argv: list[str] | None = None) -> None:
     n_blocks = len(tokens) // block
     rng = np.random.default_rng(args.seed)
     order = rng.permutation(n_blocks)
-    ab = build_steptitan(args.ab, args.override) if args.ab else None
-    ab_time, ab_tokens = 0.0, 0
-    step_time, timed_tokens, loss_val = 0.0, 0, float("nan")
-    for step in range(args.steps):
-        if ab is not None and step % 2 == 0:  # steptitan first on even steps, second on odd ones
-            dt_ab = ab(step + 1)
-            if step > 0:
-                ab_time, ab_tokens = ab_time + dt_ab, ab_tokens + world * args.batch * args.seq_len
+    loss_val = float("nan")
+
+    def bare_step(step: int) -> float:
+        nonlocal loss_val
+        sync()
         t = time.perf_counter()
         first = (step * world + rank) * args.batch
         idx = [order[(first + k) % n_blocks] for k in range(args.batch)]
-        batch = torch.from_numpy(np.stack([tokens[i * block:(i + 1) * block].astype(np.int64) for i in idx]))
+        batch = torch.from_numpy(np.stack([tokens[i * block:(i + 1) * block].astype(np.int64) for i in idx])).to(device)
         logits = model(batch[:, :-1])
         loss = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
         loss.backward()
@@ -131,13 +148,26 @@ def main(argv: list[str] | None = None) -> None:
         sched.step()
         opt.zero_grad()
         loss_val = loss.item()
-        dt = time.perf_counter() - t
-        if step > 0:  # steady state: the same convention as steptitan's step_tokens_per_s
-            step_time += dt
-            timed_tokens += world * args.batch * args.seq_len
-        if ab is not None and step % 2 == 1:
-            dt_ab = ab(step + 1)
-            ab_time, ab_tokens = ab_time + dt_ab, ab_tokens + world * args.batch * args.seq_len
+        sync()
+        return time.perf_counter() - t
+
+    # The loops to time, by name: the bare one and one steptitan Trainer per variant (or one for --ab alone).
+    loops = {"bare": bare_step}
+    if args.ab:
+        variants = args.variant or [""]
+        for v in variants:
+            extra = [kv for kv in v.split(",") if kv]
+            loops[v or "steptitan"] = (lambda fn: lambda step: fn(step + 1))(build_steptitan(args.ab, args.override + extra))
+    names = list(loops)
+    time_s = dict.fromkeys(names, 0.0)
+    for step in range(args.steps):
+        k = step % len(names)
+        for name in names[k:] + names[:k]:  # the order rotates by one each step: no loop always runs first
+            dt = loops[name](step)
+            if step > 0:  # steady state: the same convention as steptitan's step_tokens_per_s
+                time_s[name] += dt
+    timed_tokens = (args.steps - 1) * world * args.batch * args.seq_len
+    tps = {name: timed_tokens / t if t else 0.0 for name, t in time_s.items()}
 
     def local_bytes(t: torch.Tensor) -> int:
         t = t.to_local() if isinstance(t, DTensor) else t
@@ -147,12 +177,14 @@ def main(argv: list[str] | None = None) -> None:
         local_bytes(v) for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor))
     with open("/proc/self/status") as fh:
         rss = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:"))
-    result = {"tokens_per_s": timed_tokens / step_time if step_time else 0.0, "steps": args.steps,
+    result = {"tokens_per_s": tps["bare"], "steps": args.steps, "compile": args.compile,
               "final_train_loss": loss_val, "rank": rank, "peak_rss_bytes": rss,
               # grads were freed by zero_grad; add them back (one fp32 grad per parameter)
               "model_state_bytes": states + sum(local_bytes(p) for p in params)}
-    if ab is not None:
-        result["steptitan_tokens_per_s"] = ab_tokens / ab_time if ab_time else 0.0
+    if args.ab:
+        result["steptitan_tokens_per_s"] = tps[names[1]]
+        if args.variant:
+            result["variants"] = {name: tps[name] for name in names[1:]}
     results = [None] * world
     dist.all_gather_object(results, result)
     if rank == 0:
