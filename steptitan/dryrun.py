@@ -85,6 +85,7 @@ def dry_run(recipe: Recipe, plans: list[StagePlan], world_size: int, as_json: bo
               "peak model states (params + grads + optimizer state) per rank; vs vanilla = states/rank over vanilla's")
         print()
         print("\n".join(memory_table))
+        print()
         print("(the full resolved recipe: --dry-run --json)")
     missing = missing_files(recipe)
     for problem in missing:

@@ -348,7 +348,7 @@ def plan_cli(argv: Sequence[str] | None = None) -> int:
                 "*" if r.layers == args.recipe_split else "")
             rows.append([label, str(list(r.layers)), fmt_bytes(r.peak_model_states),
                          f"{r.peak_model_states / van.peak_model_states:.3f}x", fmt_bytes(r.peak_total),
-                         "  ".join(f"{fmt_bytes(s['model_states'])}/{t:,}" for s, t in zip(r.per_stage, r.trainable))])
+                         " | ".join(f"{fmt_bytes(s['model_states'])}/{t:,}" for s, t in zip(r.per_stage, r.trainable))])
         print("\n".join(format_table(["#", "split", "peak states", "vs vanilla", "+ acts",
                                       "per stage: model states / trainable params"], rows, right={0, 2, 3, 4})))
         print()

@@ -256,8 +256,9 @@ class Trainer:
                 model.set_requires_gradient_sync(k == accum - 1)
             inputs, labels = self.train_data.batch(self.samples_seen, self.env.rank, self.cfg.batch_size)
             self.samples_seen += self.env.world_size * self.cfg.batch_size
-            logits = model(inputs.to(device))
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.to(device).flatten())
+            # non_blocking: a pageable host->device copy is staged at once and does not wait for the stream
+            logits = model(inputs.to(device, non_blocking=True))
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.to(device, non_blocking=True).flatten())
             if faults.inject_nan(plan.index, step, self.env.rank):  # tests only (STEPTITAN_INJECT_NAN)
                 loss = loss * float("nan")
             (loss / accum).backward()

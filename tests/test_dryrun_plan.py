@@ -165,7 +165,7 @@ optim = { default = "adamw" }
     assert dry.returncode == 0, dry.stderr[-2000:]
     _, dry_rows = table(dry.stdout, "stage ")
     states = [r.split()[-2] for r in dry_rows]  # states/rank
-    planned = [c.split("/") for c in star.split("  ") if c.strip()][-len(plans):]
+    planned = [c.split("/") for c in cells(star)[-1][2].split(" | ")]
     assert [p[0].strip() for p in planned] == states
     assert [int(p[1].replace(",", "")) for p in planned] == [p.trainable_params for p in plans]
     default = cli("plan", "--recipe", str(recipe), "--top", "1", "--peft-opt", "rank=8")

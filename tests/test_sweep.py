@@ -7,6 +7,7 @@ import csv
 import json
 import math
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -397,3 +398,83 @@ sys.exit(sweep.main([{str(f)!r}, "--no-progress", "--out", {str(tmp_path / 'out'
     with pytest.raises(ProcessLookupError):
         os.killpg(state["pgid"], 0)  # the run's whole process group is gone
     assert json.loads((tmp_path / "out" / "_logs" / "base.json").read_text())["status"] == "interrupted"
+
+
+# --------------------------------------------------------------------------- the sweep command line (issue 16, item 5)
+
+
+def _tiny_sweep_folder(folder: Path, steps: int, axes: str) -> None:
+    """A sweep folder with its own small corpus and a 1-layer base recipe."""
+    from steptitan.data import stdlib_docstrings
+
+    (folder / "data").mkdir(parents=True)
+    text = "\n\n".join(stdlib_docstrings()[:300])
+    write(folder / "data" / "train.txt", text[:40000])
+    write(folder / "data" / "val.txt", text[40000:50000])
+    write(folder / "base.toml", f"""
+name = "tiny"
+[model]
+dim = 32
+n_layers = 1
+n_heads = 2
+vocab_size = 512
+[data]
+files = ["data/train.txt"]
+val_files = ["data/val.txt"]
+cache_dir = "cache"
+[training]
+batch_size = 2
+seq_len = 16
+eval_batches = 1
+warmup_steps = 1
+steps_per_log = 1
+[[stages]]
+steps = {steps}
+""")
+    write(folder / "tiny.toml", f'recipe = "base.toml"\n{axes}\n')
+
+
+def _sweep(folder: Path, *args: str, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "steptitan", "sweep", "tiny.toml", *args], cwd=folder,
+                          capture_output=True, text=True, env=env, timeout=300, **kw)
+
+
+def test_sweep_check_through_the_cli_names_missing_data_and_model_folders(tmp_path):
+    """`steptitan sweep --check` (a subprocess): every run's data files, tokenizer and model.init_from are checked."""
+    folder = tmp_path / "exp"
+    _tiny_sweep_folder(folder, 2, '[axes]\n"data.files" = [["data/train.txt"], ["data/gone.txt"]]\n'
+                                  '[[runs]]\nlabel = "hf"\nset = { "model.init_from" = "hf/missing" }\n')
+    proc = _sweep(folder, "--check")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"data.files: '{folder / 'data' / 'gone.txt'}' does not exist" in proc.stderr
+    assert f"model.init_from: '{folder / 'hf' / 'missing'}' is not a folder" in proc.stderr  # anchored at the sweep file
+    assert "1 of 3 runs valid" in proc.stdout
+
+
+@pytest.mark.slow  # ~30 s on an idle 2-core machine: a real torchrun run is started, then interrupted
+@pytest.mark.dist
+def test_ctrl_c_to_the_real_sweep_command_says_it_is_stopping_and_the_run_saves(tmp_path):
+    """SIGINT to `python -m steptitan sweep` while its torchrun run trains: the sweep says it is stopping, the run
+    gets SIGTERM and saves a checkpoint (steptitan's preemption path), the sweep exits 130; running it again resumes."""
+    folder = tmp_path / "exp"
+    _tiny_sweep_folder(folder, 100000, '[axes]\n"training.lr" = [0.001]\n')
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "steptitan", "sweep", "tiny.toml", "--no-progress"], cwd=folder,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    log = folder / "runs" / "tiny" / "_logs" / "lr=0.001.log"
+    deadline = time.monotonic() + 240
+    while not (log.is_file() and re.search(r"step\s+3/100000", log.read_text())):  # training has started
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert "sweep: SIGINT received, stopping: ending run lr=0.001 (its checkpoints are kept), then exiting" in err
+    assert "run the same command again to continue" in err
+    attempt = log.read_text().rsplit("\n===== ", 1)[-1]
+    assert "steptitan: preempted (SIGTERM): saved checkpoint" in attempt, attempt[-3000:]
+    state = json.loads((folder / "runs" / "tiny" / "_logs" / "lr=0.001.json").read_text())
+    assert state["status"] == "interrupted"
+    listed = _sweep(folder, "--list")
+    assert listed.stdout.split()[0] == "resume"  # the next invocation resumes from the saved checkpoint
