@@ -167,8 +167,9 @@ def collect_garbage() -> None:
 
 def compile_blocks(model: nn.Module, backend: str = "inductor") -> None:
     """torch.compile each transformer block, as torchtitan's ``apply_compile`` (one graph per block
-    structure, reused across blocks of the same structure), after activation checkpointing and
-    before ``fully_shard``.
+    structure, reused across blocks of the same structure), after activation checkpointing (so the
+    checkpointed forward is what compiles). Before or after ``fully_shard`` is the same: FSDP2's
+    all-gather and reduce-scatter are module hooks around ``forward``, not part of it.
 
     torchtitan wraps each block in an ``OptimizedModule``, which renames every parameter
     (``_orig_mod.``) and would break name-based growth and checkpoints; here the block's ``forward``

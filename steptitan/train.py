@@ -140,6 +140,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     set_deterministic(recipe.training.deterministic)  # before any CUDA work: CUBLAS_WORKSPACE_CONFIG
     env = init_distributed(recipe.training.backend, timeout_s=recipe.training.collective_timeout_s,
                            dp_replicate=dp_replicate)
+    from steptitan.device import configure_numerics
+
+    configure_numerics(env.device, recipe.training.deterministic)  # TF32 on CUDA unless deterministic
     from steptitan.watchdog import start_watchdog
 
     watchdog = start_watchdog(env.rank, env.world_size, recipe.training.heartbeat_timeout_s)

@@ -64,14 +64,16 @@ def _block_share(dim: int, layers: int, vocab: int, ffn: int) -> float:
 
 
 def test_shape_rule_refuses_a_shape_whose_blocks_hold_under_85_percent():
-    default = bench.BenchShape(dim=256, layers=12, heads=4, vocab=2048, ffn=688, seq_len=128, batch=8)
-    assert bench.check_shape(default) == pytest.approx(_block_share(256, 12, 2048, 688), rel=1e-12)
+    default = bench.BenchShape(dim=64, layers=16, heads=4, vocab=512, ffn=192, seq_len=128, batch=16)  # the bench's
+    assert bench.check_shape(default) == pytest.approx(_block_share(64, 16, 512, 192), rel=1e-12)
+    assert _block_share(64, 16, 512, 192) > 0.85
     small = bench.BenchShape(dim=128, layers=6, heads=4, vocab=2048, ffn=352, seq_len=128, batch=8)
     assert _block_share(128, 6, 2048, 352) < 0.85
     with pytest.raises(bench.BenchError, match="--allow-small-blocks"):
         bench.check_shape(small)
     assert bench.check_shape(small, allow_small_blocks=True) == pytest.approx(_block_share(128, 6, 2048, 352))
-    assert bench.main(["--dim", "128", "--layers", "6", "--ffn", "352", "--report-only"]) == 2
+    assert bench.main(["--dim", "128", "--layers", "6", "--ffn", "352", "--vocab", "2048", "--report-only",
+                       "--out", "/nonexistent/never-written.md"]) == 2  # refused before anything is written
 
 
 def test_every_recipe_gets_vanillas_flops_on_the_bench_shape(tmp_path):

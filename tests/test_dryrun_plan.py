@@ -22,7 +22,7 @@ STEP = REPO / "recipes" / "step.toml"
 def cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "steptitan", *args], capture_output=True, text=True, cwd=cwd,
-                          env=env, timeout=300)
+                          env=env, timeout=900)
 
 
 def table(out: str, first_header: str) -> tuple[list[str], list[str]]:

@@ -194,7 +194,7 @@ def test_progress_checkpoint_growth_and_sample_lines(run):
 def test_a_library_warning_is_printed_once_not_once_per_rank(run):
     _, out, _ = run
     assert out.count("noisy_lib: optional kernels not found") == 1, out[:3000]
-    assert out.count("noisy_lib: this API is deprecated") == 1, out[:3000]
+    assert out.count("UserWarning: noisy_lib: this API is deprecated") == 1, out[:3000]  # (+ its source line)
 
 
 def test_peft_events_are_logged(tmp_path, cache_dir):

@@ -8,7 +8,9 @@ other node's ranks wait in a collective) and SIGSTOP to a rank of the other node
 (a hang no launcher sees). The heartbeat watchdog (steptitan/watchdog.py) must
 name the failed rank and its node, and every agent and rank must exit.
 
-All slow (each launch starts 4 ranks on this 2-core machine): ``-m slow``.
+Default run: a worker whose agent is SIGKILLed leaves and publishes why (one watchdog, a real
+TCPStore, a real kill). ``-m slow`` (each launch starts 4 ranks on this 2-core machine): the
+two-agent STEP run, the Slurm script through a fake srun, the agent kills and the hung rank.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import pytest
 
 from conftest import REPO, free_port, wikitext_overrides
 
-pytestmark = [pytest.mark.dist, pytest.mark.slow]
+pytestmark = pytest.mark.dist
 
 HEARTBEAT_S = 3.0
 
@@ -86,6 +88,7 @@ def start_two_nodes(tmp: Path, cache_dir: Path, *extra: str, **env: str):
     return procs, run_dir, hooks
 
 
+@pytest.mark.slow
 def test_two_agents_run_step_recipe_to_the_end(tmp_path, cache_dir):
     """Two agents, 4 ranks, HSDP the usual multi-node way: replicate across nodes, shard within one."""
     t0 = time.monotonic()
@@ -134,6 +137,7 @@ def _kill_and_watch(tmp: Path, procs: list[subprocess.Popen], pids: dict[int, in
     return detected, gone, codes, [f.read_text(errors="replace") for f in logs]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("victim", ["other", "store_host"])
 def test_killing_one_nodes_agent_ends_every_agent(tmp_path, cache_dir, victim):
     """SIGKILL one agent while all ranks sit in training (parked at stage 0 step 2).
@@ -168,6 +172,7 @@ def test_killing_one_nodes_agent_ends_every_agent(tmp_path, cache_dir, victim):
           f"gone after {gone:.2f}s (heartbeat_timeout_s={HEARTBEAT_S:g})")
 
 
+@pytest.mark.slow
 def test_hung_rank_on_other_node_is_named_and_every_agent_exits(tmp_path, cache_dir):
     """SIGSTOP a rank of node 1: no launcher sees it; node 0's ranks name it (rank and node) after the timeout."""
     procs, _, hooks = start_two_nodes(tmp_path, cache_dir, STEPTITAN_PAUSE_AT="step:0:2")
@@ -184,6 +189,7 @@ def test_hung_rank_on_other_node_is_named_and_every_agent_exits(tmp_path, cache_
           f"{gone:.2f}s (heartbeat_timeout_s={HEARTBEAT_S:g})")
 
 
+@pytest.mark.slow
 def test_slurm_script_runs_two_nodes_through_fake_srun(tmp_path, cache_dir):
     """tools/slurm/step.sbatch as sbatch would run it, with ``srun`` and ``scontrol`` replaced by shims
     that start one task per "node" on this machine (what srun does on a real allocation)."""
@@ -210,3 +216,48 @@ def test_slurm_script_runs_two_nodes_through_fake_srun(tmp_path, cache_dir):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world_size"] == 4 and len(summary["stages"]) == 2
     print(f"tools/slurm/step.sbatch, 2 fake nodes x 2 ranks: {time.monotonic() - t0:.1f}s wall")
+
+
+AGENT = """
+import subprocess, sys, time
+worker = subprocess.Popen([sys.executable, "-c", sys.argv[1]], start_new_session=True)  # as torchrun starts workers
+print(worker.pid, flush=True)
+time.sleep(600)
+"""
+
+WORKER = """
+import os, time
+from steptitan.watchdog import Watchdog
+Watchdog(rank=1, world_size=2, timeout_s=30, host="127.0.0.1", port={port}).start()
+open({ready!r}, "w").close()
+time.sleep(600)
+"""
+
+
+def test_worker_whose_agent_dies_publishes_it_and_exits(tmp_path):
+    """A stand-in agent (a process that starts the worker in its own session, as torchrun does) is
+    SIGKILLed; the worker's watchdog must notice within one interval (30 s / 5 = 5 s here, far below
+    the heartbeat timeout), tell the peers through the store and exit 4."""
+    import torch.distributed as dist
+
+    port = free_port()
+    store = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
+    ready = tmp_path / "ready"
+    env = {**os.environ, "TORCHELASTIC_RUN_ID": "test", "GROUP_RANK": "1", "OMP_NUM_THREADS": "1"}
+    agent = subprocess.Popen([sys.executable, "-c", AGENT, WORKER.format(port=port, ready=str(ready))],
+                             env=env, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    worker = int(agent.stdout.readline())
+    deadline = time.monotonic() + 120
+    while not ready.exists():
+        assert time.monotonic() < deadline and alive(worker), "the worker's watchdog did not start"
+        time.sleep(0.05)
+    t0 = time.monotonic()
+    os.kill(agent.pid, signal.SIGKILL)
+    agent.wait()
+    while alive(worker) and time.monotonic() - t0 < 30:
+        time.sleep(0.05)
+    gone = time.monotonic() - t0
+    assert not alive(worker), "the orphaned worker kept running"
+    failure = store.get("steptitan/0/failure").decode()
+    assert failure.startswith("rank 1 (node 1, host ") and "lost its torchrun agent" in failure, failure
+    assert gone < 5 + 2, f"the worker left {gone:.1f}s after its agent died"

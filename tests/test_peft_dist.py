@@ -222,3 +222,70 @@ def test_transforms_keep_outputs_under_fsdp2_on_two_ranks():
         name, first = lora_modules(model)[0]
         assert torch.equal(first.lora_A, res["switchlora"]["A"]) and torch.equal(first.lora_B, res["switchlora"]["B"])
         assert torch.equal(sw.pools[name]["A"], res["switchlora"]["pool_A"])
+
+
+# --------------------------------------------------------------------------- work done once, not on every rank
+
+
+def _local_merge_and_one_svd(env, seed: int):
+    """PiSSA init and a merge on one shape whose W rows split unevenly; returns, per rank, how many
+    float64 SVDs ran here, the largest number of rows any merge matmul produced, the adapters drawn and
+    whether the function was kept."""
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from steptitan.distributed import full_tensor, local_tensor, reshard
+    from steptitan.model import ModelShape
+    from steptitan.registry.peft.lora import lora_modules
+
+    class CountSVD(TorchFunctionMode):
+        calls = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is torch.linalg.svd:
+                CountSVD.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    class MatmulRows(TorchDispatchMode):
+        rows = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+                MatmulRows.rows = max(MatmulRows.rows, out.shape[0])
+            return out
+
+    shape = ModelShape(dim=12, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=37, ffn_hidden=13, max_seq_len=16)
+    model, lora = _build(env, shape, "lora", seed, rank=3, alpha=6.0, init="pissa")
+    x = torch.randint(0, shape.vocab_size, (2, 7), generator=torch.Generator().manual_seed(seed))
+    before = _out(model, x)
+    reshard(model)
+    with CountSVD():
+        lora.init_weights(model)
+    kept_init = torch.allclose(_out(model, x), before, atol=ATOL, rtol=RTOL)
+    drawn = {n: (full_tensor(m.lora_A).clone(), full_tensor(m.lora_B).clone()) for n, m in lora_modules(model)}
+    _randomize(model, seed)
+    before = _out(model, x)
+    reshard(model)
+    local_out_rows = max(local_tensor(m.weight).shape[0] for _, m in lora_modules(model))
+    with MatmulRows():
+        lora.merge(model)
+    kept_merge = torch.allclose(_out(model, x), before, atol=ATOL, rtol=RTOL)
+    return {"svds": CountSVD.calls, "linears": len(lora_modules(model)), "merge_rows": MatmulRows.rows,
+            "local_out_rows": local_out_rows, "drawn": drawn, "kept": (kept_init, kept_merge)}
+
+
+def test_lora_merge_builds_local_rows_and_pissa_runs_one_svd_per_linear():
+    """Issue 15, defect 9: a merge built the full out x in delta on every rank and PiSSA ran the same
+    float64 SVD of the whole W on every rank. Now each linear's SVD runs on exactly one of the 2 ranks
+    (its factors are broadcast: both ranks hold what 1 rank draws), the merge's matmuls produce at most
+    this rank's rows of W, and both keep the function."""
+    two = run_distributed(_local_merge_and_one_svd, 2, seed=5)
+    (one,) = run_distributed(_local_merge_and_one_svd, 1, seed=5)
+    assert sum(r["svds"] for r in two) == two[0]["linears"] == one["svds"] > 0
+    for r in two:
+        assert r["kept"] == (True, True)
+        assert r["merge_rows"] <= r["local_out_rows"] == 7  # ceil(13 / 2): never the whole W (12 or 13 rows)
+        for name, (a, b) in one["drawn"].items():
+            torch.testing.assert_close(r["drawn"][name][0], a, rtol=0, atol=1e-6)
+            torch.testing.assert_close(r["drawn"][name][1], b, rtol=0, atol=1e-6)

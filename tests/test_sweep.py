@@ -437,7 +437,7 @@ steps = {steps}
 def _sweep(folder: Path, *args: str, **kw) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "steptitan", "sweep", "tiny.toml", *args], cwd=folder,
-                          capture_output=True, text=True, env=env, timeout=300, **kw)
+                          capture_output=True, text=True, env=env, timeout=900, **kw)
 
 
 def test_sweep_check_through_the_cli_names_missing_data_and_model_folders(tmp_path):

@@ -73,7 +73,7 @@ def build_steptitan(recipe_path: str, overrides: list[str]):
 
 
 def main(argv: list[str] | None = None) -> None:
-    from steptitan.device import DTYPES, compile_blocks, compute_dtype_name
+    from steptitan.device import DTYPES, compile_blocks, compute_dtype_name, configure_numerics
     from steptitan.distributed import init_distributed
 
     ap = argparse.ArgumentParser()
@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> None:
 
     env = init_distributed(args.backend)
     rank, world, device = env.rank, env.world_size, env.device
+    configure_numerics(device, deterministic=False)  # as steptitan.train: TF32 on CUDA
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     torch.manual_seed(args.seed)
     base = int(2 * (4 * args.dim) / 3)
