@@ -360,3 +360,26 @@ def test_the_watchdog_kills_only_a_process_of_its_own_pid_namespace():
     finally:
         child.kill()
         child.wait()
+
+
+def test_activation_estimate_follows_the_attention_kernel():
+    """Defect 2: the MATH kernel saves the B x H x S x S probabilities per block. Measured with
+    saved_tensors_hooks on the CPU with SDPA forced to MATH, against ``attention="math"``; the default
+    estimate (flash / memory-efficient) would be far below."""
+    from torch.nn.attention import SDPBackend
+    from torchtitan.models.attention import ScaledDotProductAttentionWrapper
+
+    from steptitan.device import allow_sdpa_backends
+    from steptitan.flops import activation_bytes
+    from steptitan.memory import Precision
+    from test_memory import _saved_bytes, _shape
+
+    shape = _shape(dim=64, n_layers=2, heads=4, vocab=300, ffn=128).replace(max_seq_len=128)
+    ScaledDotProductAttentionWrapper.sdpa_backends = [SDPBackend.MATH]  # what torchtitan's wrapper runs with
+    try:
+        measured = _saved_bytes(shape, 2, 128, 0)
+    finally:
+        allow_sdpa_backends()
+    math = activation_bytes(shape, 2, 128, Precision(), False, 0, attention="math")
+    flash = activation_bytes(shape, 2, 128, Precision(), False, 0)
+    assert math == pytest.approx(measured, rel=0.10) and flash < 0.8 * measured

@@ -285,7 +285,7 @@ def test_lora_merge_builds_local_rows_and_pissa_runs_one_svd_per_linear():
     assert sum(r["svds"] for r in two) == two[0]["linears"] == one["svds"] > 0
     for r in two:
         assert r["kept"] == (True, True)
-        assert r["merge_rows"] <= r["local_out_rows"] == 7  # ceil(13 / 2): never the whole W (12 or 13 rows)
+        assert r["merge_rows"] <= r["local_out_rows"] <= 7  # ceil(13 / 2): never the whole W (12 or 13 rows)
         for name, (a, b) in one["drawn"].items():
             torch.testing.assert_close(r["drawn"][name][0], a, rtol=0, atol=1e-6)
             torch.testing.assert_close(r["drawn"][name][1], b, rtol=0, atol=1e-6)
