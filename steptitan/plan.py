@@ -160,13 +160,14 @@ def build_plan(recipe: Recipe) -> list[StagePlan]:
                 raise RecipeError(f"{where}.model.{key}: unknown shape field")
             if i == 0:
                 new_shape = new_shape.replace(**{key: value})
-                sources = [LayerSource((j,), new=True) for j in range(new_shape.n_layers)]
             elif getattr(new_shape, key) != value:
                 how = f"growth {stage.growth['name']!r} produces" if growth else "with no growth the stage keeps"
                 raise RecipeError(
                     f"inconsistent stage shapes: {where}.model.{key} = {value!r} but {how} {key} = {getattr(new_shape, key)!r}"
                 )
         check_shape(new_shape, f"{where}.model" if stage.model else where)
+        if i == 0 and stage.model:  # stage 0's own model table may change n_layers: sources follow, once checked
+            sources = [LayerSource((j,), new=True) for j in range(new_shape.n_layers)]
         shape = new_shape
 
         plan = StagePlan(

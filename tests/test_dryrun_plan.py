@@ -79,15 +79,13 @@ def test_dry_run_shows_peft_options_and_memory_vs_vanilla_in_aligned_columns(tmp
     assert_aligned(mem_header, mem_rows, right=set(cells(mem_header)[k][2] for k in range(1, 8)))
     assert [r.split()[0] for r in mem_rows] == [long_name, "grown", "(vanilla)"] and mem_rows[-1].endswith("1.00x")
 
-    as_json = cli("train", str(STEP), "--dry-run", "--json", *overrides)
-    assert as_json.returncode == 0, as_json.stderr[-2000:]
-    assert json.loads(as_json.stdout)["stages"][1]["peft"]["alpha"] == 12
-
-    missing = cli("train", str(STEP), "--dry-run", f"data.files=[{tmp_path / 'nope.txt'}]",
+    # --json: the resolved recipe alone on stdout; a missing data file is an error (exit 2), an existing one is not
+    missing = cli("train", str(STEP), "--dry-run", "--json", *overrides, f"data.files=[{tmp_path / 'nope.txt'}]",
                   f"data.val_files=[{STEP}]")
-    assert missing.returncode == 2
+    assert missing.returncode == 2, missing.stderr[-2000:]
+    assert json.loads(missing.stdout)["stages"][1]["peft"]["alpha"] == 12
     assert f"steptitan: error: data.files: '{tmp_path / 'nope.txt'}' does not exist" in missing.stderr
-    assert "val_files" not in missing.stderr  # an existing file is not reported
+    assert "val_files" not in missing.stderr
 
 
 def lora_params_per_block(dim: int, ffn: int, rank: int) -> int:

@@ -320,11 +320,10 @@ def test_generate_sampling_is_seeded_and_reads_any_checkpoint(run):
     run_dir, _, _ = run
     ckpt = run_dir / "checkpoints" / "stage00-step000003"
     common = [str(ckpt), "--prompt", "The", "--max-new-tokens", "6", "--temperature", "1.0", "--top-k", "20"]
-    a, b, c = generate(*common, "--seed", "1"), generate(*common, "--seed", "1"), generate(*common, "--seed", "2")
+    a, b = generate(*common, "--seed", "1"), generate(*common, "--seed", "1")
     assert a.returncode == 0, a.stderr
     assert "stage 0 'narrow', step 3; 2 layers, dim 64" in a.stderr
     assert a.stdout == b.stdout and a.stdout.startswith("The")
-    assert c.returncode == 0  # (another seed may or may not differ on a model this small)
     bad = generate(str(run_dir / "nope"), "--prompt", "x")
     assert bad.returncode == 2 and bad.stderr.startswith("steptitan generate: error:"), bad.stderr
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -94,6 +95,12 @@ def test_export_matches_steptitan_logits_for_random_shapes(tmp_path_factory, sha
     config = json.loads((out / "config.json").read_text())
     assert config["num_hidden_layers"] == plan.shape.n_layers and config["rope_theta"] == shape["rope_theta"]
     assert config["tie_word_embeddings"] == shape["tie_embeddings"]
+    # transformers warns unless max_position_embeddings > original_max_position_embeddings (llama3 RoPE)
+    assert config["max_position_embeddings"] > config["rope_scaling"]["original_max_position_embeddings"]
+    assert (out / "generation_config.json").is_file()
+    mask = os.umask(0)
+    os.umask(mask)
+    assert {f.stat().st_mode & 0o777 for f in out.iterdir()} == {0o666 & ~mask}  # not safetensors' 0600
 
     tokens = torch.randint(0, shape["vocab_size"], (2, seq), generator=torch.Generator().manual_seed(seed))
     model.eval()

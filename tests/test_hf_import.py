@@ -264,8 +264,10 @@ freeze = ["old"]
     proc = subprocess.run([sys.executable, "-m", "steptitan", "export", str(stage0), str(out)],
                           capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    mask = os.umask(0)
+    os.umask(mask)
     for f in out.iterdir():
-        assert f.stat().st_mode & 0o777 == 0o644, f
+        assert f.stat().st_mode & 0o777 == 0o666 & ~mask, f  # 0644 under the usual umask, not 0600
     eos = json.loads((out / "generation_config.json").read_text())["eos_token_id"]
     from tokenizers import Tokenizer
 

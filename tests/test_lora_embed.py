@@ -374,7 +374,7 @@ def test_planner_counts_embedding_options_as_the_written_recipe_builds(tmp_path_
             "--freeze-embeddings-after", str(freeze_after)]
     argv += ["--tie-embeddings"] if tie else []
     argv += ["--embed-lora-rank", str(emb_rank)] if emb_rank else []
-    argv += ["--embed-lora-opt", "targets=[head]"] if head_only else []
+    argv += ["--embed-lora-opt", "targets=[head]"] if head_only and emb_rank else []  # (an option alone adds rank 16)
     argv += ["--optim", optim] if optim else []
     assert plan_cli(argv) == 0
     recipe = load_recipe(out)

@@ -84,6 +84,14 @@ def test_inconsistent_stage_shapes():
     assert "inconsistent stage shapes" in error_of(data)
 
 
+@pytest.mark.parametrize("value", [None, "4", 2.5, True, 0])
+def test_a_bad_stage0_model_value_is_a_recipe_error_not_a_crash(value):
+    # stage 0's own model table replaces [model]: a non-integer n_layers once crashed build_plan (TypeError)
+    data = step_dict()
+    data["stages"][0]["model"] = {"n_layers": value}
+    assert "stages.0.model: invalid model shape: n_layers" in error_of(data)
+
+
 @pytest.mark.parametrize("override,needle", [
     ("stages.0.steps=0", "stages.0.steps: must be > 0"),
     ("stages.1.steps=-3", "stages.1.steps: must be > 0"),
@@ -171,7 +179,7 @@ def test_errors_of_every_section_and_plugin_table_arrive_in_one_pass():
 
 
 @pytest.mark.parametrize("override, line", [
-    ("training.dtype=bfloat61", "training.dtype: must be one of float32, bfloat16, got 'bfloat61' (did you mean 'bfloat16'?)"),
+    ("training.dtype=bfloat61", "training.dtype: must be one of auto, float32, bfloat16, got 'bfloat61' (did you mean 'bfloat16'?)"),
     ("training.backend=glo", "training.backend: must be one of auto, gloo, nccl, got 'glo' (did you mean 'gloo'?)"),
     ("stages.1.freeze=[old,embedings]", "stages.1.freeze.1: unknown layer group 'embedings' (did you mean 'embeddings'?); "
                                         "must be one of old, new, embeddings, head"),
