@@ -360,6 +360,13 @@ def check_stage_optimizers(plugins: dict[str, OptimizerPlugin], model: nn.Module
                 f"holds Python objects that DCP cannot save, docs/optimizers.md); set checkpoint.enabled = false to "
                 f"train without checkpoints, or choose a resumable optimizer for this group")
     for method in peft_methods:
+        adapters = plugins["adapters"]
+        if method.edits_adam_state and "adapters" in used and adapters.growth_state_policy != "copy":
+            raise RecipeError(
+                f"{where}.peft: {method.registry_name!r} edits its adapters' Adam moments (exp_avg / exp_avg_sq), "
+                f"but the adapters group's optimizer is {adapters.registry_name!r}, whose state is laid out "
+                f"otherwise: its reset would change nothing. Set optim.adapters = \"adamw\" for this stage "
+                f"(or training.optim.adapters)")
         if method.optimizer_class(model) is None:
             continue
         others = sorted({plugins[g].registry_name for g in used} - {"adamw"})

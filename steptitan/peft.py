@@ -55,6 +55,10 @@ class PeftMethod:
     Options: ClassVar[type] = NoOptions
     description: ClassVar[str] = ""
     registry_name: ClassVar[str]
+    # True for a method that edits its adapters' optimizer state as Adam moments (exp_avg /
+    # exp_avg_sq shaped like the parameter, e.g. ReLoRA's reset): the plan then refuses an
+    # adapters optimizer whose state is not laid out so (OptimizerPlugin.growth_state_policy "fresh").
+    edits_adam_state: ClassVar[bool] = False
 
     def __init__(self, options=None, layers: list[int] | None = None, seed: int = 0):
         self.options = options if options is not None else self.Options()

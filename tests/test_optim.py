@@ -107,6 +107,24 @@ def test_non_resumable_optimizer_refused_at_plan_time_when_checkpointing():
         build_plan(recipe_from_dict(d))
 
 
+def test_relora_reset_needs_adam_moments_on_its_adapters():
+    """ReLoRA's reset prunes the adapters' Adam moments (exp_avg/exp_avg_sq). Adam-mini keeps m / v
+    under other names and shapes, so the reset silently touched nothing: refused at plan time instead."""
+    from steptitan.plan import build_plan
+    from steptitan.recipe import recipe_from_dict
+
+    relora = {"method": "relora", "layers": "old", "rank": 3, "reset_interval": 2}
+    for optim, ok in (({"default": "adam_mini"}, False), ({"default": "adam_mini", "adapters": "adamw"}, True),
+                      ({"default": "adamw"}, True)):
+        d = _recipe_dict("/tmp/unused", optim)
+        d["stages"][1]["peft"] = relora
+        if ok:
+            build_plan(recipe_from_dict(d))
+            continue
+        with pytest.raises(RecipeError, match=r"stages.1.*relora.*adapters.*'adam_mini'.*adapters = \"adamw\""):
+            build_plan(recipe_from_dict(d))
+
+
 # --------------------------------------------------------------------------- memory model vs measured bytes
 
 

@@ -100,6 +100,7 @@ def reset_adapter_state(state: dict[str, Any], mode: str, ratio: float, gen: tor
 @PEFT.register("relora")
 class ReLoRA(LoRA):
     Options = ReLoRAOptions
+    edits_adam_state = True  # the reset prunes exp_avg / exp_avg_sq (reset_adapter_state)
     description = "ReLoRA: LoRA merged and restarted every N steps, optimizer-state pruning, jagged cosine LR"
 
     def __init__(self, options: ReLoRAOptions, layers: list[int], seed: int = 0):
