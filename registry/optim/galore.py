@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 from torch import nn
@@ -56,16 +56,25 @@ class Galore(OptimizerPlugin):
     def projects(self, name: str, ndim: int) -> bool:
         return ndim == 2 and name.startswith("layers.") and any(f".{t}." in name for t in self.options.targets)
 
-    def build(self, named_params: Sequence[tuple[str, nn.Parameter]], hparams: OptimizerHParams) -> torch.optim.Optimizer:
-        self.check_available()
+    # Hooks that Fira (registry/optim/fira.py), GaLore plus a residual, overrides.
+    projected_extra_bytes: ClassVar[int] = 0  # per projected weight, beyond moments and projection
+
+    def projection_options(self) -> dict[str, Any]:
+        """The projected param group's options, in the package's own names."""
+        return {"rank": self.options.rank, "update_proj_gap": self.options.update_proj_gap,
+                "scale": self.options.scale, "proj_type": "std"}
+
+    def optimizer_class(self) -> type[torch.optim.Optimizer]:
         from galore_torch import GaLoreAdamW
 
-        extra = {"rank": self.options.rank, "update_proj_gap": self.options.update_proj_gap,
-                 "scale": self.options.scale, "proj_type": "std"}
+        return GaLoreAdamW
+
+    def build(self, named_params: Sequence[tuple[str, nn.Parameter]], hparams: OptimizerHParams) -> torch.optim.Optimizer:
+        self.check_available()
         groups = [{"params": [p for n, p in named_params if not self.projects(n, p.dim())]},
-                  {"params": [p for n, p in named_params if self.projects(n, p.dim())], **extra}]
-        return GaLoreAdamW([g for g in groups if g["params"]], lr=hparams.lr, betas=hparams.betas, eps=hparams.eps,
-                           weight_decay=hparams.weight_decay, no_deprecation_warning=True)
+                  {"params": [p for n, p in named_params if self.projects(n, p.dim())], **self.projection_options()}]
+        return self.optimizer_class()([g for g in groups if g["params"]], lr=hparams.lr, betas=hparams.betas,
+                                      eps=hparams.eps, weight_decay=hparams.weight_decay, no_deprecation_warning=True)
 
     def state_bytes(self, name: str, local_shape: Sequence[int], global_shape: Sequence[int],
                     world_size: int = 1, step_slices: int = 1) -> int:
@@ -74,4 +83,5 @@ class Galore(OptimizerPlugin):
         m, n = local_shape
         r, right = projected_side(m, n, self.options.rank)
         # right: moments (m, r') + projection (r', n); left: moments (r', n) + projection (m, r')
-        return 4 * (2 * m * r + r * n) if right else 4 * (2 * r * n + m * r)
+        moments_and_projection = 4 * (2 * m * r + r * n) if right else 4 * (2 * r * n + m * r)
+        return moments_and_projection + self.projected_extra_bytes
