@@ -154,3 +154,20 @@ def test_tiny_benchmark_resumes_seed_by_seed_and_reports_again(tmp_path):
     again = bench_cli("--seeds", "2", "--report-only")
     assert again.returncode == 0 and out.read_text() == report
     assert (tmp_path / "docs" / "bench" / "loss_vs_flops.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_loss_target_on_fewer_seeds_than_asked_is_not_called_met():
+    """The Targets table once said 'yes' for step4's loss measured on 1 of 3 seeds."""
+    from steptitan.experiments.bench_report import target_lines
+
+    ratios = {"step3_val_loss_vs_vanilla": 1.004, "step3_val_loss_seeds": 3,
+              "step4_val_loss_vs_vanilla": 1.008, "step4_val_loss_seeds": 1,
+              "step4_memory_vs_vanilla": 0.36, "planner_worst_error": 0.01}
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in target_lines(ratios, seeds=3)[4:]}
+    step3 = next(v for k, v in rows.items() if k.startswith("step3 final val loss"))
+    step4 = next(v for k, v in rows.items() if k.startswith("step4 final val loss"))
+    step4_mem = next(v for k, v in rows.items() if k.startswith("step4 peak"))
+    assert step3.endswith("| 1.004x | yes |")
+    assert step4.endswith("| 1.008x (1 of 3 seeds) | open: 1 of 3 seeds |")
+    assert step4_mem.endswith("| 0.360x | **no** |")
+    assert not any(k.startswith("step3 peak") for k in rows)  # a row not run is left out
