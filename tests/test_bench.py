@@ -123,6 +123,7 @@ def test_embedded_corpus_is_a_training_source(tmp_path):
 
 
 @pytest.mark.dist
+@pytest.mark.slow  # (~40 s; the sweep runner's resume is tested in test_sweep.py)
 def test_tiny_benchmark_resumes_seed_by_seed_and_reports_again(tmp_path):
     from steptitan.data import stdlib_docstrings
 

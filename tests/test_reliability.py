@@ -154,6 +154,7 @@ def resume_and_compare(cache_dir: Path, tmp: Path, run_dir: Path, killed_hooks: 
 # --------------------------------------------------------------------------- default run
 
 
+@pytest.mark.slow  # (~60 s; interrupted saves are covered by test_reliability_units, exact resume by the SIGTERM test)
 def test_kill_during_first_save_after_growth_then_exact_resume(tmp_path, cache_dir, baseline):
     """The default run's kill-and-resume test, at the most delicate moment.
 

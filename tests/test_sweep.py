@@ -295,6 +295,7 @@ steps = 2
 
 
 @pytest.mark.dist
+@pytest.mark.slow  # (~70 s: the default run covers Ctrl-C and skip-finished in quicker tests)
 def test_2x2_sweep_killed_mid_run_then_resumed_then_skipped(tmp_path, cache_dir):
     if not WIKITEXT.is_dir():
         pytest.skip(f"{WIKITEXT} is missing")
