@@ -175,10 +175,16 @@ def compile_blocks(model: nn.Module, backend: str = "inductor") -> None:
     (``_orig_mod.``) and would break name-based growth and checkpoints; here the block's ``forward``
     is replaced on the instance by its compiled version, so names stay and FSDP2's hooks (which run
     around ``forward``) stay outside the graph. A new stage builds new blocks, so every stage compiles
-    its own; dynamo's guards (module types, parameter shapes, ``training``) keep a graph from being
-    reused by a block it does not fit, and a grown or adapted block recompiles."""
+    its own; dynamo's guards (module types, parameter shapes, ``training``, and module hooks, which
+    dynamo does not guard by default) keep a graph from being reused by a block it does not fit, and a
+    grown or adapted block recompiles."""
     import torch._dynamo
 
+    # dynamo skips guards on module hooks by default (skip_nnmodule_hook_guards): a graph traced for a
+    # block without hooks would be reused for a same-structure block whose linears carry hooks (growth's
+    # MSG mask on the new blocks; APEX's scoring hooks, added and removed during a stage) and the hooks
+    # would silently not run. Guarding them costs a dict-length check per submodule call.
+    torch._dynamo.config.skip_nnmodule_hook_guards = False
     # One code object (Block.forward) serves dense, LoRA and other adapted blocks, in train and eval
     # mode, at every stage's width: more variants than dynamo's default of 8 recompiles per code
     # object, after which it would silently run the block eagerly.

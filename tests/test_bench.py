@@ -172,3 +172,13 @@ def test_a_loss_target_on_fewer_seeds_than_asked_is_not_called_met():
     assert step4.endswith("| 1.008x (1 of 3 seeds) | open: 1 of 3 seeds |")
     assert step4_mem.endswith("| 0.360x | **no** |")
     assert not any(k.startswith("step3 peak") for k in rows)  # a row not run is left out
+
+
+def test_bare_fsdp_per_round_ratios_by_hand():
+    """--rounds: per-round tokens/s of each loop and the ratio of every later loop to every earlier one."""
+    from steptitan.experiments.bare_fsdp import per_round
+
+    # 10 tokens a step; round 1 = steps 0-1, round 2 = steps 2-3
+    out = per_round({"bare": [1.0, 1.0, 2.0, 2.0], "v": [2.0, 2.0, 2.0, 2.0]}, step_tokens=10, n_rounds=2)
+    assert out["tokens_per_s"] == {"bare": [10.0, 5.0], "v": [5.0, 5.0]}
+    assert out["ratios"] == {"v / bare": {"median": 0.75, "min": 0.5, "max": 1.0, "per_round": [0.5, 1.0]}}

@@ -34,6 +34,23 @@ def hf_logits(folder: Path, tokens: torch.Tensor) -> torch.Tensor:
         return model(tokens).logits
 
 
+def load_warnings(folder: Path) -> list[str]:
+    """The warnings transformers logs while loading ``folder`` (its library logger does not propagate,
+    so a handler goes on it directly)."""
+    import logging
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        transformers.LlamaForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    finally:
+        logger.removeHandler(handler)
+    return [r.getMessage() for r in records if r.levelno >= logging.WARNING]
+
+
 def assert_logits_equal(hf: torch.Tensor, ref: torch.Tensor) -> None:
     # float32 through two implementations (complex vs rotate-half RoPE, merged vs unmerged LoRA):
     # differences are rounding, ~1e-6 of the logit scale.
@@ -134,6 +151,15 @@ def test_export_of_a_two_rank_stage1_checkpoint(two_rank_run, tmp_path):
     meta = json.loads((out / "steptitan_export.json").read_text())
     assert meta["stage"] == 1 and meta["world_size"] == 2 and meta["merged_peft"] == ["lora"]
     assert (out / "tokenizer.json").is_file()
+    # bos/eos: the run's end-of-document token (its BPE has no bos, so bos = eos); pad = eos; no RoPE warning
+    from tokenizers import Tokenizer
+
+    eos = Tokenizer.from_file(str(out / "tokenizer.json")).token_to_id("<|endoftext|>")
+    config, gen = (json.loads((out / f).read_text()) for f in ("config.json", "generation_config.json"))
+    assert eos is not None and (config["bos_token_id"], config["eos_token_id"]) == (eos, eos)
+    assert (gen["bos_token_id"], gen["eos_token_id"], gen["pad_token_id"]) == (eos, eos, eos)
+    assert config["rope_scaling"]["rope_type"] == "llama3"  # recipes/step.toml keeps torchtitan's llama3 RoPE scaling
+    assert not [w for w in load_warnings(out) if "rope" in w.lower() or "max_position" in w], load_warnings(out)
 
     info = export_hf.find_checkpoint(two_rank_run)
     recipe = export_hf.recipe_for(info)

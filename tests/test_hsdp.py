@@ -2,8 +2,9 @@
 
 Default run: the layout rules and their messages; per-rank memory follows the shard degree (memory
 model, planner); which saved rank's PEFT state a resume reads; SwitchLoRA's pools re-sharded to
-another shard degree; on 4 real gloo ranks as 2 x 2, the shard helpers and FSDP2's gradient
-average over all 4 ranks. ``-m slow``: STEP (growth + LoRA) on 4 ranks as 2 x 2 HSDP against
+another shard degree; on 4 real gloo ranks as 2 x 2, the shard helpers, FSDP2's gradient
+average over all 4 ranks, and growth (width and depth) equal to single-process growth with width
+growth's gathers confined to the shard group. ``-m slow``: STEP (growth + LoRA) on 4 ranks as 2 x 2 HSDP against
 4-rank FSDP over 10 steps through a growth and a resume, resumes of the 2 x 2 checkpoint on
 1 x 2 and 4 x 1, and SwitchLoRA saved on 2 x 2 and resumed on 4 x 1 (pools re-sharded).
 """
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import REPO, free_port, run_distributed, wikitext_overrides
 from steptitan.recipe import ParallelConfig, RecipeError, parallel_degrees, recipe_from_dict
@@ -211,6 +213,67 @@ def _hsdp_helpers(env):
     lin(x).pow(2).sum().backward()
     out["placements"] = [type(p).__name__ for p in lin.weight.placements]
     out["grad"] = lin.weight.grad.full_tensor().tolist()
+    out["growth"] = _growth_on_hsdp(env)
+    return out
+
+
+# (operator, options) grown on 2 x 2 and compared with the same growth in one process: width growth
+# with uneven chunks (vocab 23, dims 11 / 19 over 2 shards), a random mapping, AKI and LEMON, moments
+# carried (optimizer_state = "copy"); depth growth by interpolation, moments carried too.
+HSDP_GROWTH = [
+    ("bert2bert", dict(dim=16, ffn_hidden=24, n_heads=4, mapping="cyclic", optimizer_state="copy")),
+    ("bert2bert", dict(dim=11, ffn_hidden=19, mapping="random", seed=3, method="aki", optimizer_state="copy")),
+    ("lemon", dict(dim=12, ffn_hidden=24, n_heads=4, optimizer_state="copy")),
+    ("interpolate", dict(n_new=2, position="uniform", init="copy", optimizer_state="copy")),
+]
+
+
+class CollectiveGroups(TorchDispatchMode):
+    """The ranks of the process group of every collective run while active: functional collectives
+    name their group (a string), c10d ops carry the ProcessGroup. Ops with neither (``wait_tensor``,
+    ``_wrap_tensor_autograd``) are not collectives."""
+
+    def __init__(self):
+        super().__init__()
+        self.groups: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        import torch.distributed as dist
+        from torch.distributed.distributed_c10d import _resolve_process_group
+
+        if func.namespace in ("c10d", "_c10d_functional", "c10d_functional"):
+            for a in args:
+                group = None
+                if isinstance(a, str):
+                    group = _resolve_process_group(a)
+                elif isinstance(a, dist.ProcessGroup):
+                    group = a
+                if group is not None:
+                    self.groups.append(tuple(dist.get_process_group_ranks(group)))
+                    break
+        return func(*args, **(kwargs or {}))
+
+
+def _growth_on_hsdp(env) -> dict:
+    """Growth on the 2 x 2 mesh: the grown model (and its carried Adam moments) equals single-process
+    growth; width growth's gathers run on this rank's shard group only (ranks 2i, 2i+1: nothing crosses
+    the replicate dim); depth growth runs no collective at all."""
+    from test_growth_dist import sharded_copy, sharded_matches_single_process
+
+    from steptitan.model import ModelShape
+    from test_growth import dense, make
+
+    shape = ModelShape(dim=8, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=23, ffn_hidden=12,
+                       tie_embeddings=True, max_seq_len=16)
+    out: dict = {"matches": sharded_matches_single_process(
+        env, [(shape, name, opts, 7 + i) for i, (name, opts) in enumerate(HSDP_GROWTH)])}
+    for name, opts in HSDP_GROWTH:
+        op = make(name, **opts)
+        small = sharded_copy(dense(shape, 0), shape, env)
+        big = sharded_copy(dense(op.target_shape(shape), 1), op.target_shape(shape), env)
+        with CollectiveGroups() as probe:
+            op.grow(small, big, shape)
+        out[name + ("-aki" if opts.get("method") == "aki" else "")] = sorted(set(probe.groups))
     return out
 
 
@@ -236,6 +299,12 @@ def test_two_by_two_mesh_helpers_and_gradient_average():
         assert out["global_rows"] == [[0, 1, 2], [3, 4]][r % 2]
         assert out["placements"] == ["Replicate", "Shard"]
         torch.testing.assert_close(torch.tensor(out["grad"]), mean, rtol=1e-5, atol=1e-6)
+        growth = out["growth"]
+        assert growth["matches"] == len(HSDP_GROWTH)
+        shard_group = [(r // 2 * 2, r // 2 * 2 + 1)]  # rank = replica * dp_shard + shard
+        for width in ("bert2bert", "bert2bert-aki", "lemon"):
+            assert growth[width] == shard_group, (width, growth[width])  # gathers within the shard group only
+        assert growth["interpolate"] == [], growth["interpolate"]  # depth growth: shard-local
 
 
 # --------------------------------------------------------------------------- slow: real runs, 4 gloo ranks
@@ -266,6 +335,11 @@ def rel_diff(a: dict, b: dict) -> float:
     return max(abs(a[k] - b[k]) / abs(b[k]) for k in a)
 
 
+def abs_diff(a: dict, b: dict) -> float:
+    assert a.keys() <= b.keys(), sorted(a.keys() - b.keys())
+    return max(abs(a[k] - b[k]) for k in a)
+
+
 @pytest.fixture(scope="module")
 def four_rank_runs(tmp_path_factory, cache_dir):
     """4-rank FSDP and 4-rank 2 x 2 HSDP, the same STEP recipe (growth + LoRA), a checkpoint every step."""
@@ -289,7 +363,8 @@ def test_hsdp_matches_fsdp_through_a_growth_and_a_resume(four_rank_runs, cache_d
     after = rel_diff(resumed, fsdp)
     print(f"HSDP 2x2 vs FSDP 4: max relative loss difference {whole:.2e} over {len(fsdp)} steps "
           f"(growth at step {STAGE0}); resumed 2x2 run vs FSDP {after:.2e}; resumed vs uninterrupted 2x2 "
-          f"{rel_diff(resumed, hsdp):.2e}")
+          f"{rel_diff(resumed, hsdp):.2e}; max absolute loss difference {abs_diff(hsdp, fsdp):.2e} (whole run), "
+          f"{abs_diff(resumed, fsdp):.2e} (resumed vs FSDP)")
     assert whole < RTOL and after < RTOL
     # Per-rank model states follow the shard degree: measured on rank r == predicted for shard r % 2.
     summary = json.loads((root / "hsdp" / "summary.json").read_text())
@@ -316,7 +391,8 @@ def test_two_by_two_checkpoint_resumes_on_four_by_one_exactly_and_continues_on_o
     assert sorted(narrow) == [(1, 3), (1, 4)]
     print(f"2x2 checkpoint resumed on 4x1: max relative loss difference {rel_diff(wide, hsdp):.2e} vs the "
           f"uninterrupted 2x2 run, {rel_diff(wide, fsdp):.2e} vs FSDP; on 1x2: {rel_diff(narrow, hsdp):.2e} "
-          f"(continues on half the global batch)")
+          f"(continues on half the global batch); max absolute: 4x1 {abs_diff(wide, hsdp):.2e}, "
+          f"1x2 {abs_diff(narrow, hsdp):.2e}")
     assert rel_diff(wide, hsdp) < RTOL
     assert all(math.isfinite(v) for v in narrow.values()) and rel_diff(narrow, hsdp) > 10 * RTOL
 

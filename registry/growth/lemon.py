@@ -1,10 +1,10 @@
-"""Width growth that is exact and breaks symmetry: LEMON (Wang et al., ICLR 2024, arXiv 2310.07999, Sec. 4.1-4.2).
+"""Width growth that is exact and breaks symmetry: LEMON (Wang et al., ICLR 2024, arXiv 2310.07999, Fig. 3).
 
 bert2BERT's FPI (registry/growth/bert2bert.py) splits a copied unit's fan-out
 weights evenly (1/C each), so the copies receive identical gradients and stay
 identical forever. LEMON splits them unevenly -- alpha and 1 - alpha, and for
 widths that are not a multiple of the old one alpha, beta, gamma, ... with sum 1
-(Sec. 4.1, Fig. 3) -- which keeps the function exactly and lets the copies drift
+(Fig. 3) -- which keeps the function exactly and lets the copies drift
 apart: after the first step the fan-out columns are no longer proportional, so
 the copies' fan-in rows get different gradients (docs/growth.md, "lemon").
 

@@ -306,6 +306,8 @@ class Apex(PeftMethod):
 
     @torch.no_grad()
     def merge(self, model: nn.Module) -> None:
+        if self.scored:  # state loaded without init_weights (steptitan export): the modules lack the selection
+            self.apply_selection(model)
         for name, module in self.modules(model):
             module.fuse()
             module.reset_adapters(seeded_generator(self.seed, "apex", name))

@@ -20,8 +20,10 @@ vanilla recipe besides logging.
 ``--variant training.compile=false --variant training.compile=true``, and every step runs the bare
 loop and each variant in an order that rotates by one each step; ``variants`` in the JSON gives each
 one's tokens/s. ``--compile`` compiles the bare model's blocks as steptitan does (``device.compile_blocks``,
-torchtitan's per-block compile), so compiled steptitan can be compared with compiled bare FSDP2
-(docs/bench/compile.md). The process group and device come from ``steptitan.distributed.init_distributed``
+torchtitan's per-block compile; ``--compile-backend`` as ``training.compile_backend``), so compiled
+steptitan can be compared with compiled bare FSDP2 (docs/bench/compile.md). ``--rounds N`` splits the
+timed steps into N consecutive rounds and reports each loop's tokens/s and every pair's ratio per round
+(median, min, max): the spread of a ratio measured under one and the same machine load. The process group and device come from ``steptitan.distributed.init_distributed``
 (``--backend auto``: NCCL and the rank's GPU where there is one, gloo on the CPU otherwise).
 """
 
@@ -31,7 +33,9 @@ import argparse
 import json
 import math
 import os
+import statistics
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -72,6 +76,24 @@ def build_steptitan(recipe_path: str, overrides: list[str]):
     return step
 
 
+def per_round(step_s: dict[str, list[float]], step_tokens: int, n_rounds: int) -> dict[str, Any]:
+    """Tokens/s of every loop in each of ``n_rounds`` consecutive runs of steps, and the ratio of every
+    later loop to every earlier one per round (median, min, max): the spread of a ratio measured under
+    the same load, which one total per loop does not show."""
+    n = min(len(ts) for ts in step_s.values())
+    bounds = [round(i * n / n_rounds) for i in range(n_rounds + 1)]
+    tps = {name: [step_tokens * (b - a) / sum(ts[a:b]) for a, b in zip(bounds, bounds[1:]) if b > a]
+           for name, ts in step_s.items()}
+    names = list(tps)
+    ratios = {}
+    for j, num in enumerate(names):
+        for den in names[:j]:
+            r = sorted(x / y for x, y in zip(tps[num], tps[den]))
+            ratios[f"{num} / {den}"] = {"median": statistics.median(r), "min": r[0], "max": r[-1],
+                                        "per_round": [x / y for x, y in zip(tps[num], tps[den])]}
+    return {"tokens_per_s": tps, "ratios": ratios}
+
+
 def main(argv: list[str] | None = None) -> None:
     from steptitan.device import DTYPES, compile_blocks, compute_dtype_name, configure_numerics
     from steptitan.distributed import init_distributed
@@ -94,6 +116,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--compute-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                     help="FSDP2 param dtype, as training.dtype (auto: bf16 on CUDA, fp32 on the CPU)")
     ap.add_argument("--compile", action="store_true", help="torch.compile each block, as training.compile=true")
+    ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend, as training.compile_backend")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="split the timed steps into this many rounds: per-round tokens/s and ratios (the spread)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--ab", default=None, metavar="RECIPE", help="alternate steps with steptitan's Trainer on this recipe")
     ap.add_argument("--override", action="append", default=[], help="recipe override for --ab (repeatable)")
@@ -118,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
         fully_shard(block, mesh=env.mesh, mp_policy=mp)
     fully_shard(model, mesh=env.mesh, mp_policy=mp)
     if args.compile:
-        compile_blocks(model)
+        compile_blocks(model, args.compile_backend)
     model.to_empty(device=device)
     with torch.no_grad():
         model.init_weights(buffer_device=device)
@@ -160,15 +185,16 @@ def main(argv: list[str] | None = None) -> None:
             extra = [kv for kv in v.split(",") if kv]
             loops[v or "steptitan"] = (lambda fn: lambda step: fn(step + 1))(build_steptitan(args.ab, args.override + extra))
     names = list(loops)
-    time_s = dict.fromkeys(names, 0.0)
+    step_s: dict[str, list[float]] = {name: [] for name in names}
     for step in range(args.steps):
         k = step % len(names)
         for name in names[k:] + names[:k]:  # the order rotates by one each step: no loop always runs first
             dt = loops[name](step)
-            if step > 0:  # steady state: the same convention as steptitan's step_tokens_per_s
-                time_s[name] += dt
-    timed_tokens = (args.steps - 1) * world * args.batch * args.seq_len
-    tps = {name: timed_tokens / t if t else 0.0 for name, t in time_s.items()}
+            if step > 0:  # steady state (step 0 compiles): the same convention as steptitan's step_tokens_per_s
+                step_s[name].append(dt)
+    step_tokens = world * args.batch * args.seq_len
+    tps = {name: step_tokens * len(ts) / sum(ts) if sum(ts) else 0.0 for name, ts in step_s.items()}
+    rounds = per_round(step_s, step_tokens, args.rounds) if args.rounds > 1 else None
 
     def local_bytes(t: torch.Tensor) -> int:
         t = t.to_local() if isinstance(t, DTensor) else t
@@ -186,6 +212,8 @@ def main(argv: list[str] | None = None) -> None:
         result["steptitan_tokens_per_s"] = tps[names[1]]
         if args.variant:
             result["variants"] = {name: tps[name] for name in names[1:]}
+    if rounds is not None:
+        result["rounds"] = rounds
     results = [None] * world
     dist.all_gather_object(results, result)
     if rank == 0:
