@@ -32,12 +32,12 @@ pytestmark = pytest.mark.dist
 HEARTBEAT_S = 3.0
 
 
-def tiny_args(cache_dir: Path, run_dir: Path, *extra: str) -> list[str]:
+def tiny_args(cache_dir: Path, run_dir: Path, *extra: str, heartbeat_s: float = HEARTBEAT_S) -> list[str]:
     """recipes/step.toml (2 stages: growth by interpolation, LoRA on the old layers) shrunk to seconds."""
     return ["recipes/step.toml", *wikitext_overrides(cache_dir), f"output_dir={run_dir}",
             "model.dim=64", "training.seq_len=32", "training.batch_size=2", "training.eval_batches=2",
             "training.steps_per_log=1", "training.warmup_steps=2", "stages.0.steps=6", "stages.1.steps=4",
-            f"training.heartbeat_timeout_s={HEARTBEAT_S:g}", *extra]
+            f"training.heartbeat_timeout_s={heartbeat_s:g}", *extra]
 
 
 def launch_node(node: int, port: int, args: list[str], log: Path, hooks: Path, **env: str) -> subprocess.Popen:
@@ -80,10 +80,10 @@ def rank_pids(hooks: Path) -> dict[int, int]:
     return {int(p.stem[4:]): int(p.read_text()) for p in hooks.glob("rank*.pid")}
 
 
-def start_two_nodes(tmp: Path, cache_dir: Path, *extra: str, **env: str):
+def start_two_nodes(tmp: Path, cache_dir: Path, *extra: str, heartbeat_s: float = HEARTBEAT_S, **env: str):
     port = free_port()
     run_dir, hooks = tmp / "run", tmp / "hooks"
-    args = tiny_args(cache_dir, run_dir, *extra)
+    args = tiny_args(cache_dir, run_dir, *extra, heartbeat_s=heartbeat_s)
     procs = [launch_node(n, port, args, tmp / f"node{n}.log", hooks, **env) for n in (0, 1)]
     return procs, run_dir, hooks
 
@@ -92,7 +92,9 @@ def start_two_nodes(tmp: Path, cache_dir: Path, *extra: str, **env: str):
 def test_two_agents_run_step_recipe_to_the_end(tmp_path, cache_dir):
     """Two agents, 4 ranks, HSDP the usual multi-node way: replicate across nodes, shard within one."""
     t0 = time.monotonic()
-    procs, run_dir, hooks = start_two_nodes(tmp_path, cache_dir, "parallel.dp_replicate=2", "parallel.dp_shard=2")
+    # a generous heartbeat: this test is about finishing, and a loaded machine can stall a rank for seconds
+    procs, run_dir, hooks = start_two_nodes(tmp_path, cache_dir, "parallel.dp_replicate=2", "parallel.dp_shard=2",
+                                            heartbeat_s=60.0)
     codes = wait_all(procs, timeout=600)
     wall = time.monotonic() - t0
     logs = [(tmp_path / f"node{n}.log").read_text() for n in (0, 1)]
@@ -209,7 +211,7 @@ def test_slurm_script_runs_two_nodes_through_fake_srun(tmp_path, cache_dir):
            "SLURM_JOB_NODELIST": "fake[0-1]", "SLURM_NNODES": "2", "SLURM_JOB_ID": str(os.getpid()),
            "NPROC_PER_NODE": "2", "RDZV_PORT": str(free_port())}
     t0 = time.monotonic()
-    out = subprocess.run(["bash", "tools/slurm/step.sbatch", *tiny_args(cache_dir, run_dir)], cwd=REPO, env=env,
+    out = subprocess.run(["bash", "tools/slurm/step.sbatch", *tiny_args(cache_dir, run_dir, heartbeat_s=60.0)], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     assert "steptitan: 2 node(s) x 2 rank(s), rendezvous 127.0.0.1:" in out.stdout
