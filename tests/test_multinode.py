@@ -168,7 +168,10 @@ def test_killing_one_nodes_agent_ends_every_agent(tmp_path, cache_dir, victim):
         assert "lost the rendezvous store" in survivor and "node 0's torchrun agent hosts it" in survivor, \
             survivor[-3000:]
         assert detected is not None and detected < 2 * HEARTBEAT_S + 5, f"detected after {detected}s"
-    assert "exitcode  : 4" in survivor, survivor[-3000:]  # EXIT_PEER_FAILED on the surviving node's ranks
+    # EXIT_PEER_FAILED on the surviving node's ranks, as its agent reports them -- unless the c10d
+    # rendezvous store (hosted by whichever agent came first, not always MASTER_ADDR's) died with the
+    # killed agent: the survivor's agent then fails on the store before it reports exit codes.
+    assert "exitcode  : 4" in survivor or "RendezvousConnectionError" in survivor, survivor[-3000:]
     assert gone < 60, f"everything gone only {gone:.1f}s after the kill"
     print(f"SIGKILL to the {victim} agent: first watchdog message after {detected:.2f}s, every agent and rank "
           f"gone after {gone:.2f}s (heartbeat_timeout_s={HEARTBEAT_S:g})")
