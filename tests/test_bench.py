@@ -155,6 +155,16 @@ def test_tiny_benchmark_resumes_seed_by_seed_and_reports_again(tmp_path):
     again = bench_cli("--seeds", "2", "--report-only")
     assert again.returncode == 0 and out.read_text() == report
     assert (tmp_path / "docs" / "bench" / "loss_vs_flops.png").read_bytes()[:4] == b"\x89PNG"
+    # The run folders are gone: the ledger (docs/bench/ledger.json beside --out) rebuilds the same tables.
+    import shutil
+
+    shutil.rmtree(tmp_path / "runs" / "quality")
+    again = bench_cli("--seeds", "2", "--report-only")
+    assert again.returncode == 0, again.stderr[-3000:]
+    rebuilt = out.read_text()
+    assert "2 of the runs below were read from the results ledger" in rebuilt
+    assert [line for line in rebuilt.splitlines() if line.startswith("| vanilla |")] == \
+        [line for line in report.splitlines() if line.startswith("| vanilla |")]
 
 
 def test_a_loss_target_on_fewer_seeds_than_asked_is_not_called_met():

@@ -479,3 +479,37 @@ def test_ctrl_c_to_the_real_sweep_command_says_it_is_stopping_and_the_run_saves(
     assert state["status"] == "interrupted"
     listed = _sweep(folder, "--list")
     assert listed.stdout.split()[0] == "resume"  # the next invocation resumes from the saved checkpoint
+
+
+def test_two_sweep_processes_share_a_folder_run_by_run(tmp_path, monkeypatch):
+    """A run claimed by another live process (a real one, holding _logs/<run>.lock) is skipped, not run twice;
+    once that process is killed (SIGKILL: the kernel drops its flock), the run is taken."""
+    f = write(tmp_path / "s.toml", 'recipe = "recipes/step.toml"\n[axes]\ntraining.lr = [0.5, 0.25]\n')
+    sw = spec.load_sweep(f, output_dir=str(tmp_path / "out"))
+    runner.logs_dir(sw).mkdir(parents=True)
+    held = sw.runs[0]
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from steptitan.experiments import runner, spec;"
+         f"sw = spec.load_sweep(Path({str(f)!r}), output_dir={str(tmp_path / 'out')!r});"
+         "c = runner.RunClaim(sw, sw.runs[0]); assert c.held; print('held', flush=True); time.sleep(600)"],
+        stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        launched = []
+
+        def fake_launch(sweep, run, status="new", python=None):
+            launched.append(run.name)
+            folder = runner.run_dir(sweep, run)
+            code = (f"import json, pathlib; p = pathlib.Path({str(folder)!r}); p.mkdir(parents=True, exist_ok=True);"
+                    "(p / 'summary.json').write_text(json.dumps({'final_val_loss': 1.0, 'stages': []}))")
+            return [sys.executable, "-c", code]
+
+        monkeypatch.setattr(runner, "launch_command", fake_launch)
+        first = runner.run_sweep(sw, progress=False)
+        assert launched == [sw.runs[1].name]
+        assert [(r.name, why) for r, why in first["skipped"]] == [(held.name, f"running in another sweep process (pid {holder.pid})")]
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    second = runner.run_sweep(sw, progress=False)
+    assert launched == [sw.runs[1].name, held.name] and len(second["done"]) == 1

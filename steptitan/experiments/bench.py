@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from steptitan.experiments import runner
+from steptitan.experiments.ledger import Ledger
 from steptitan.experiments.report import read_summary, val_curve
 from steptitan.experiments.spec import Run, Sweep, SweepError, resolved_recipe
 
@@ -224,15 +225,23 @@ def plan_runs(args: argparse.Namespace, shape: BenchShape) -> tuple[Sweep, Sweep
     return _sweep("quality", args, quality), _sweep("memory", args, memory), facts
 
 
-def collect(sweep: Sweep) -> dict[str, dict[int | str, dict]]:
-    """{recipe: {seed (quality) or "memory": summary + curve + wall}} of the finished runs."""
+def collect(sweep: Sweep, ledger: Ledger) -> dict[str, dict[int | str, dict]]:
+    """{recipe: {seed (quality) or "memory": summary + curve + wall}} of the finished runs.
+
+    A finished run folder is read and its result recorded in the ledger; a run whose folder is gone
+    is taken from the ledger if it holds this exact run (same resolved recipe).
+    """
     out: dict[str, dict] = {}
     for run in sweep.runs:
         summary = read_summary(runner.run_dir(sweep, run))
+        if summary is not None:
+            summary["wall_s"] = runner.read_state(sweep, run).get("wall_s")
+            summary["curve"] = val_curve(runner.run_dir(sweep, run), summary["stages"])
+            ledger.record(sweep, run, summary)
+        elif not runner.run_dir(sweep, run).exists():
+            summary = ledger.lookup(sweep, run)
         if summary is None:
             continue
-        summary["wall_s"] = runner.read_state(sweep, run).get("wall_s")
-        summary["curve"] = val_curve(runner.run_dir(sweep, run), summary["stages"])
         out.setdefault(run.label, {})[run.values.get("training.seed", "memory")] = summary
     return out
 
@@ -348,6 +357,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--out", default=str(CHECKOUT / "BENCHMARKS.md"))
     ap.add_argument("--plots", default=None, help="plot folder (default: docs/bench beside --out)")
     ap.add_argument("--notes", default=str(CHECKOUT / "docs" / "bench" / "notes.md"), help="appended to the report")
+    ap.add_argument("--ledger", default=None,
+                    help="results ledger (JSON): finished runs are recorded in it, and runs whose folder is gone are "
+                         "read from it (default: docs/bench/ledger.json beside --out; 'none' = no ledger)")
     ap.add_argument("--report-only", action="store_true", help="rewrite the report from the finished runs; run nothing")
     ap.add_argument("--rerun-stale", action="store_true", help="re-run runs whose folder was made with another recipe")
     ap.add_argument("--no-progress", action="store_true")
@@ -356,6 +368,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if "vanilla" not in args.recipes:
         args.recipes.insert(0, "vanilla")  # every ratio is to vanilla
     args.plots = args.plots or str(Path(args.out).resolve().parent / "docs" / "bench")
+    if args.ledger is None:
+        args.ledger = str(Path(args.out).resolve().parent / "docs" / "bench" / "ledger.json")
     return args
 
 
@@ -404,7 +418,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         meta.update(command=command.strip(), wall_s=time.perf_counter() - t0)
         meta_path.parent.mkdir(parents=True, exist_ok=True)
         meta_path.write_text(json.dumps(meta, indent=1, default=str))
-    write_report(args, shape, frac, facts, collect(quality), collect(memory), meta)
+    ledger = Ledger(None if args.ledger == "none" else Path(args.ledger))
+    write_report(args, shape, frac, facts, collect(quality, ledger), collect(memory, ledger), meta, ledger.used)
+    ledger.save()
     return 1 if failed else 0
 
 

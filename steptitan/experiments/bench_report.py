@@ -153,7 +153,7 @@ def throughput_section(tp: dict[str, Any], ratios: dict[str, float]) -> list[str
 
 
 def write_report(args: argparse.Namespace, shape: Any, frac: float, facts: dict[str, Any], quality: dict[str, dict],
-                 memory: dict[str, dict], meta: dict[str, Any]) -> Path:
+                 memory: dict[str, dict], meta: dict[str, Any], from_ledger: list[str] | None = None) -> Path:
     out, plot_dir = Path(args.out), Path(args.plots)
     ratios: dict[str, Any] = {}
     run_wall = sum(s.get("wall_s") or 0 for runs in (*quality.values(), *memory.values()) for s in runs.values())
@@ -164,6 +164,10 @@ def write_report(args: argparse.Namespace, shape: Any, frac: float, facts: dict[
              f"{shape.vocab} (transformer blocks hold {frac:.1%} of the parameters), seq {shape.seq_len}, batch "
              f"{shape.batch} per rank x {args.world_size} ranks. Summed wall time of the runs: {run_wall / 60:.1f} min "
              "(a shared machine: absolute times and tokens/s are noisy; ratios are measured within this benchmark).", ""]
+    if from_ledger:
+        lines += [f"{len(from_ledger)} of the runs below were read from the results ledger (`{args.ledger}`), their "
+                  "folders being gone; each is the same resolved recipe, recorded when it finished: "
+                  + ", ".join(from_ledger) + ".", ""]
     body: list[str] = []
     if memory:
         body += memory_section(memory, ratios, args)

@@ -158,29 +158,39 @@ def stop_group(pgid: int, grace_s: float = 30.0, proc: subprocess.Popen | None =
         pass
 
 
-class SweepLock:
-    """One sweep process per output folder; a stale lock (dead pid) is taken over."""
+class RunClaim:
+    """An exclusive ``flock`` on ``_logs/<run>.lock`` while one sweep process works on that run.
 
-    def __init__(self, folder: Path):
-        self.path = folder / "sweep.lock"
+    Several sweep (or bench) processes may share one output folder as workers: each skips the
+    runs another live process holds. The kernel drops the lock when its holder dies, however it
+    dies, so a killed worker never blocks a later one.
+    """
 
-    def __enter__(self) -> "SweepLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, sweep: Sweep, run: Run):
+        import fcntl
+
+        self.path = logs_dir(sweep) / f"{run.name}.lock"
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            pid = int(self.path.read_text().strip())
-        except (OSError, ValueError):
-            pid = 0
-        if pid and pid != os.getpid():
-            try:
-                os.kill(pid, 0)
-                raise SweepError(f"another sweep (pid {pid}) is running in {self.path.parent.parent}; wait for it or kill it")
-            except ProcessLookupError:
-                pass
-        self.path.write_text(str(os.getpid()))
-        return self
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(self.fd)
+            self.fd = -1
+            self.holder = holder
+            return
+        self.holder = ""
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, str(os.getpid()).encode(), 0)
 
-    def __exit__(self, *exc) -> None:
-        self.path.unlink(missing_ok=True)
+    @property
+    def held(self) -> bool:
+        return self.fd >= 0
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # closing the only descriptor drops the flock
+            self.fd = -1
 
 
 class Interrupted(Exception):
@@ -305,36 +315,49 @@ def run_sweep(sweep: Sweep, only: list[str] | None = None, progress: bool = True
     print(f"sweep {sweep.name}: {len(runs)} runs, {len(report['skipped'])} finished earlier, {len(todo)} to run "
           f"({sweep.nproc} proc(s) each) -> {sweep.output_dir}", flush=True)
     logs_dir(sweep).mkdir(parents=True, exist_ok=True)
-    with SweepLock(logs_dir(sweep)):
-        bar = tqdm(total=len(todo), unit="run", disable=not progress, dynamic_ncols=True, file=sys.stderr)
-        try:
-            for run, status in todo:
-                bar.set_postfix_str(run.name)
-                log_path = logs_dir(sweep) / f"{run.name}.log"
-                problem = check_run(run)
-                if problem is not None:
-                    with open(log_path, "a") as log:
-                        log.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} not launched\n"
-                                  f"invalid recipe for this run:\n{problem}\n")
-                    write_state(sweep, run, {**read_state(sweep, run), "status": "failed", "returncode": 2,
-                                             "error": problem})
-                    report["failed"].append((run, "invalid recipe"))
+    # Runs are claimed one at a time (RunClaim), so other sweep processes may share this folder.
+    bar = tqdm(total=len(todo), unit="run", disable=not progress, dynamic_ncols=True, file=sys.stderr)
+    try:
+        for run, status in todo:
+            bar.set_postfix_str(run.name)
+            log_path = logs_dir(sweep) / f"{run.name}.log"
+            problem = check_run(run)
+            if problem is not None:
+                with open(log_path, "a") as log:
+                    log.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} not launched\n"
+                              f"invalid recipe for this run:\n{problem}\n")
+                write_state(sweep, run, {**read_state(sweep, run), "status": "failed", "returncode": 2,
+                                         "error": problem})
+                report["failed"].append((run, "invalid recipe"))
+                bar.update(1)
+                continue
+            claim = RunClaim(sweep, run)
+            if not claim.held:
+                report["skipped"].append((run, f"running in another sweep process (pid {claim.holder})"))
+                tqdm.write(f"[{run.name}] skipped: another sweep process (pid {claim.holder}) runs it", file=sys.stderr)
+                bar.update(1)
+                continue
+            try:
+                status = run_status(sweep, run)  # recheck: another worker may have finished it meanwhile
+                if status == "finished":
+                    report["skipped"].append((run, "finished by another sweep process"))
                     bar.update(1)
                     continue
-                status = run_status(sweep, run)  # recheck: an old run may have finished while we waited
                 tqdm.write(f"[{run.name}] {status} ...", file=sys.stderr)
                 code, wall = execute(sweep, run, status, log_path)
-                if code == 0 and run_status(sweep, run) == "finished":
-                    report["done"].append((run, f"{status}, {wall:.1f}s"))
-                    tqdm.write(f"[{run.name}] ok in {wall:.1f}s", file=sys.stderr)
-                else:
-                    report["failed"].append((run, f"exit code {code}"))
-                    why = error_lines(log_path)
-                    tqdm.write(f"[{run.name}] FAILED (exit {code}) in {wall:.1f}s" + (f": {why}" if why else ""),
-                               file=sys.stderr)
-                bar.update(1)
-        finally:
-            bar.close()
+            finally:
+                claim.release()
+            if code == 0 and run_status(sweep, run) == "finished":
+                report["done"].append((run, f"{status}, {wall:.1f}s"))
+                tqdm.write(f"[{run.name}] ok in {wall:.1f}s", file=sys.stderr)
+            else:
+                report["failed"].append((run, f"exit code {code}"))
+                why = error_lines(log_path)
+                tqdm.write(f"[{run.name}] FAILED (exit {code}) in {wall:.1f}s" + (f": {why}" if why else ""),
+                           file=sys.stderr)
+            bar.update(1)
+    finally:
+        bar.close()
     return report
 
 
