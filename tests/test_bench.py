@@ -192,3 +192,14 @@ def test_bare_fsdp_per_round_ratios_by_hand():
     out = per_round({"bare": [1.0, 1.0, 2.0, 2.0], "v": [2.0, 2.0, 2.0, 2.0]}, step_tokens=10, n_rounds=2)
     assert out["tokens_per_s"] == {"bare": [10.0, 5.0], "v": [5.0, 5.0]}
     assert out["ratios"] == {"v / bare": {"median": 0.75, "min": 0.5, "max": 1.0, "per_round": [0.5, 1.0]}}
+
+
+def test_report_plots_are_pngs(tmp_path):
+    from steptitan.experiments import report
+
+    curve = report.plot_curves({"vanilla": [(1.0, 4.0), (2.0, 3.5)], "step3": [(1.0, 4.2), (2.0, 3.6)]},
+                               tmp_path / "a" / "curves.png", target=3.5)
+    pareto = report.plot_pareto([("vanilla", 1.0, 1.0, None, None), ("step3", 0.37, 1.005, 0.98, 1.03)],
+                                tmp_path / "b" / "pareto.png")
+    for path in (curve, pareto):
+        assert path.read_bytes()[:4] == b"\x89PNG"

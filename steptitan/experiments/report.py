@@ -149,6 +149,17 @@ def _pyplot():
 
     return plt
 
+def _save(fig, path: Path, dpi: int = 120) -> Path:
+    """Lay out, write and close a figure (the folder is made if needed)."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 
 def plot_sweep(sweep: Sweep, rows: list[dict[str, Any]], folder: Path) -> list[Path]:
     """loss_curves.png (train loss per run, val loss markers) and <metric>_by_axis.png (bars per axis value)."""
@@ -175,11 +186,7 @@ def plot_sweep(sweep: Sweep, rows: list[dict[str, Any]], folder: Path) -> list[P
     ax.set_title(f"sweep {sweep.name}: loss curves")
     if ax.lines:
         ax.legend(fontsize=7, loc="upper right")
-    fig.tight_layout()
-    path = folder / "loss_curves.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    written.append(path)
+    written.append(_save(fig, folder / "loss_curves.png", dpi=110))
 
     # one panel per axis; explicit runs are grouped by label; seeds alone only if nothing else varies
     axes = list(sweep.axes) + (["label"] if any("label" in r for r in rows) else [])
@@ -206,11 +213,7 @@ def plot_sweep(sweep: Sweep, rows: list[dict[str, Any]], folder: Path) -> list[P
             ax.set_xlabel(short.get(key, key))
             ax.set_ylabel(metric)
         fig.suptitle(f"sweep {sweep.name}: {metric}\n(bar = mean, dots = single runs)", fontsize=10)
-        fig.tight_layout()
-        path = folder / f"{metric}_by_axis.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, folder / f"{metric}_by_axis.png", dpi=110))
     return written
 
 
@@ -238,11 +241,7 @@ def plot_curves(curves: dict[str, list[tuple[float, float]]], path: Path, target
     ax.set_title("validation loss vs training FLOPs")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_memory_stages(memory: dict[str, dict], path: Path) -> Path:
@@ -266,11 +265,7 @@ def plot_memory_stages(memory: dict[str, dict], path: Path) -> Path:
     ax.set_ylabel("MiB per rank (measured, peak step)")
     ax.set_title("model-state memory per stage (benchmark shape, paper's bf16 policy)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_pareto(points: Sequence[tuple[str, float, float, float | None, float | None]], path: Path) -> Path:
@@ -295,8 +290,4 @@ def plot_pareto(points: Sequence[tuple[str, float, float, float | None, float | 
     ax.set_title("memory vs quality at equal training FLOPs (95% interval)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6, loc="best")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
