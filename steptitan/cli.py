@@ -14,6 +14,7 @@ commands:
   plan [--dim D --layers L -K 3 --peft lora ...]  best STEP stage splits by peak memory; --write-recipe; --budget
   sweep SWEEP.toml [--list --check --report-only]  run a sweep of recipes, resumably (docs/sweeps.md)
   bench [--recipes a,b --seeds N --budget-tokens N] the equal-FLOP benchmark over seeds (docs/benchmark.md)
+  paired SWEEP_OUT LABEL_A LABEL_B [--plot F]      two arms of a seeded sweep compared seed by seed
   export CHECKPOINT_OR_RUN OUT_DIR                 a checkpoint as a Hugging Face Llama folder
   generate CHECKPOINT_OR_RUN --prompt TEXT         sample text from a checkpoint (CPU, one process, no export)
 """
@@ -67,6 +68,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from steptitan.experiments.bench import main as bench_main
 
         return bench_main(rest)
+    if command == "paired":
+        from steptitan.experiments.paired import main as paired_main
+
+        return paired_main(rest)
     if command == "generate":
         from steptitan.generate import main as generate_main
 

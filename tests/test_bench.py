@@ -203,3 +203,32 @@ def test_report_plots_are_pngs(tmp_path):
                                 tmp_path / "b" / "pareto.png")
     for path in (curve, pareto):
         assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_paired_comparison_of_two_sweep_arms(tmp_path, capsys):
+    """`steptitan paired`: per-seed differences, their mean and sd by hand; the curve is read from the log."""
+    import json
+    import statistics
+
+    from steptitan.experiments import paired
+
+    finals = {("a", 0): 3.50, ("a", 1): 3.60, ("a", 2): 3.40, ("b", 0): 3.55, ("b", 1): 3.62, ("b", 2): 3.47}
+    (tmp_path / "_logs").mkdir()
+    for (arm, seed), final in finals.items():
+        run = tmp_path / f"{arm},seed={seed}"
+        run.mkdir()
+        stages = [{"steps": 10, "val_loss": final + 0.5, "trainable_params": 100},
+                  {"steps": 10, "val_loss": final, "trainable_params": 40}]
+        (run / "summary.json").write_text(json.dumps({"final_val_loss": final, "world_size": 2, "stages": stages}))
+        (run / "recipe.json").write_text(json.dumps({"training": {"batch_size": 4, "seq_len": 8}}))
+        (tmp_path / "_logs" / f"{run.name}.log").write_text(
+            "===== old attempt\n[stage 0] step 5: val loss 9.0\n===== last\n"
+            f"[stage 0] step 10: val loss {final + 0.5}\n[stage 1] step 10: val loss {final}\n")
+    assert paired.main([str(tmp_path), "a", "b", "--plot", str(tmp_path / "p.png")]) == 0
+    out = capsys.readouterr().out
+    diffs = [finals["a", s] - finals["b", s] for s in range(3)]
+    assert f"mean {statistics.mean(diffs):+.4f}, sd {statistics.stdev(diffs):.4f} -> a lower" in out
+    assert f"| a | {statistics.mean([3.5, 3.6, 3.4]):.4f} ± {statistics.stdev([3.5, 3.6, 3.4]):.4f} |" in out
+    # tokens per step = 4 x 8 x 2 ranks; the last attempt only; stage 1 starts after stage 0's 10 steps
+    assert paired.val_curve(tmp_path, tmp_path / "a,seed=0") == [(10 * 64, 4.0), (20 * 64, 3.5)]
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
