@@ -418,6 +418,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         meta.update(command=command.strip(), wall_s=time.perf_counter() - t0)
         meta_path.parent.mkdir(parents=True, exist_ok=True)
         meta_path.write_text(json.dumps(meta, indent=1, default=str))
+    if args.report_only:  # this report's own command; the last command that ran runs in this folder stays in meta
+        meta = {**meta, "report_command": command.strip()}
     ledger = Ledger(None if args.ledger == "none" else Path(args.ledger))
     write_report(args, shape, frac, facts, collect(quality, ledger), collect(memory, ledger), meta, ledger.used)
     ledger.save()

@@ -159,7 +159,9 @@ def write_report(args: argparse.Namespace, shape: Any, frac: float, facts: dict[
     run_wall = sum(s.get("wall_s") or 0 for runs in (*quality.values(), *memory.values()) for s in runs.values())
     lines = ["# Benchmarks", "", "Produced by `steptitan bench` (= `tools/bench.py`; how and why: "
              "[docs/benchmark.md](docs/benchmark.md)).", "",
-             f"Command: `{meta.get('command', 'steptitan bench')}`  ",
+             (f"Command: `{meta['report_command']}` (report only; the last command that ran runs in that folder: "
+              f"`{meta.get('command', '?')}`)  " if meta.get("report_command") else
+              f"Command: `{meta.get('command', 'steptitan bench')}`  "),
              f"Shape: dim {shape.dim}, {shape.layers} layers at the end, {shape.heads} heads, FFN {shape.ffn}, vocab "
              f"{shape.vocab} (transformer blocks hold {frac:.1%} of the parameters), seq {shape.seq_len}, batch "
              f"{shape.batch} per rank x {args.world_size} ranks. Summed wall time of the runs: {run_wall / 60:.1f} min "
