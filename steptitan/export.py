@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Export a steptitan checkpoint as a Hugging Face Llama folder (model.safetensors + config.json).
 
     steptitan export runs/step OUT_DIR                       # newest checkpoint of a run (= tools/export_hf.py)
@@ -212,11 +211,10 @@ def find_tokenizer(recipe: Recipe) -> Path | None:
         p = Path(os.path.expanduser(d.tokenizer))
         p = p if p.name == "tokenizer.json" else p / "tokenizer.json"
         return p if p.is_file() else None
-    try:  # the same key data.prepare_data uses for its trained BPE
-        from steptitan.data import _digest, _source_fingerprint
+    try:  # the BPE data.prepare_data trained and cached for this corpus
+        from steptitan.data import trained_tokenizer_dir
 
-        key = {"bpe": recipe.model.vocab_size, **_source_fingerprint(d, list(d.files))}
-        p = Path(os.path.expanduser(d.cache_dir)) / "tokenizers" / _digest(key) / "tokenizer.json"
+        p = trained_tokenizer_dir(d, recipe.model.vocab_size) / "tokenizer.json"
     except Exception:
         return None
     return p if p.is_file() else None

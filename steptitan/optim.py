@@ -45,6 +45,7 @@ from torchtitan.components.optimizer import OptimizersContainer
 
 from steptitan.distributed import local_tensor
 from steptitan.recipe import OptimGroup
+from steptitan.schema import check_options
 
 GROWTH_STATE_POLICIES = ("fresh", "copy")
 
@@ -69,7 +70,8 @@ class OptimizerPlugin:
     a TypeError when the class is defined, so a plugin cannot be half-implemented:
 
     * ``Options``: a dataclass of its recipe options (``NoOptions`` if none), validated by the
-      recipe's schema checker (use ``Literal`` and field metadata ``ge``/``gt`` for ranges);
+      recipe's schema checker, and by ``__init__`` when built in code (use ``Literal`` and field
+      metadata ``ge``/``gt`` for ranges);
     * ``description``: one line for ``steptitan list-plugins``;
     * ``growth_state_policy``: "copy" if its per-parameter state is Adam's ``step`` /
       ``exp_avg`` / ``exp_avg_sq`` shaped like the parameter (growth may then carry it when the
@@ -110,6 +112,10 @@ class OptimizerPlugin:
     def __init__(self, options: Any = None, shape: Any = None):
         """``shape``: the stage's ``ModelShape`` (Adam-mini needs the head layout); None outside a stage."""
         self.options = options if options is not None else self.Options()
+        # Options built in code meet the same declared choices and ranges as a recipe's (steptitan/schema.py).
+        errors = check_options(self.options, getattr(self, "registry_name", type(self).__name__))
+        if errors:
+            raise ValueError("; ".join(errors))
         self.shape = shape
 
     @classmethod

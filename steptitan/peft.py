@@ -104,6 +104,11 @@ class PeftMethod:
         """Fold the adapters into the dense weights, leaving the function unchanged, so that the
         dense model alone carries what was learned (before growth and export)."""
 
+    def label(self) -> str:
+        """What the --dry-run stage table prints in brackets after the method's name: by default how many
+        layers it adapts (``lora[2L]``); a method that adapts something else says what (``lora_embed[emb+head]``)."""
+        return f"{len(self.layers)}L"
+
     def counters(self) -> dict[str, float]:
         """Cumulative event counts of this stage, e.g. ``{"relora/resets": 2}``: the trainer logs them to
         the trackers at every log step and prints their change since the last one. Same on every rank."""

@@ -257,7 +257,6 @@ def peft_text(method: PeftMethod) -> str:
     rank and alpha, then every option that differs from the method's default."""
     import dataclasses
 
-    label = method.label() if hasattr(method, "label") else f"{len(method.layers)}L"
     shown = []
     for f in dataclasses.fields(method.options):
         value = getattr(method.options, f.name)
@@ -266,7 +265,7 @@ def peft_text(method: PeftMethod) -> str:
         if f.name in ("rank", "alpha") or value != default:
             text = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else f"{value:g}" if isinstance(value, float) else str(value)
             shown.append(f"{f.name}={text}")
-    return " ".join([f"{method.registry_name}[{label}]", *shown])
+    return " ".join([f"{method.registry_name}[{method.label()}]", *shown])
 
 
 def format_plan(plans: list[StagePlan], memory: list[Any] | None = None, vanilla: Any = None) -> str:

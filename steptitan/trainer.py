@@ -2,7 +2,9 @@
 
 Read ``Trainer.run`` top to bottom; one training step is ``train_step``.
 Growth operators and PEFT methods are plugins (steptitan/growth.py,
-steptitan/peft.py); everything else a step does is in this file.
+steptitan/peft.py); the validation loss is steptitan/evaluate.py's and the
+rows of summary.json steptitan/summary.py's; everything else a step does is
+in this file.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -28,6 +29,7 @@ from steptitan import faults, stopping
 from steptitan.data import BlockSampler, PreparedData
 from steptitan.device import DTYPES, collect_garbage, compile_blocks, compute_dtype_name, drop_gradients
 from steptitan.distributed import DistEnv, all_gather_object, reshard, shard_model
+from steptitan.evaluate import validation_loss
 from steptitan.growth import SameShape
 from steptitan.metrics import (
     cuda_peak_bytes,
@@ -39,14 +41,14 @@ from steptitan.metrics import (
     reset_peak_rss,
 )
 from steptitan.flops import stage_flops_per_token
-from steptitan.memory import predict_stage
 from steptitan.optim import OptimizerHParams, StageLRSchedulers, build_stage_optimizers, resolve_assignment
-from steptitan.model import base_param_names, cast_frozen_params, init_model_weights, params_by_group
+from steptitan.model import cast_frozen_params, init_model_weights
 from steptitan.peft import StepContext
 from steptitan.plan import StagePlan, plan_fingerprint
 from steptitan.progress import Progress, fmt_duration, shape_change
 from steptitan.trackers import start_trackers
-from steptitan.recipe import Recipe, to_dict
+from steptitan.recipe import Recipe
+from steptitan.summary import TRACKED, run_summary, stage_memory_scalars, stage_row, write_summary_json
 
 
 class TrainingError(RuntimeError):
@@ -318,37 +320,10 @@ class Trainer:
         log.warning(f"skipping the update of step {step}: {what} "
                     f"({self.skipped_steps}/{self.cfg.skip_nonfinite} skips used)")
 
-    @torch.no_grad()
     def evaluate(self, plan: StagePlan, model: nn.Module, step: int) -> float:
-        """Mean validation loss over a fixed set of blocks, whatever the world size.
-
-        The set is the first ``eval_batches * batch_size`` blocks of the (unshuffled)
-        validation split, or the whole split for ``eval_batches = 0``; each block
-        counts once. Ranks take turns in batches of ``batch_size``; the last round's
-        surplus slots are padding (a repeated block, masked out), so every rank runs
-        the same number of forwards (FSDP2's collectives) and 1 and N ranks give the
-        same loss up to float summation order.
-        """
-        model.eval()
-        W, B, r = self.env.world_size, self.cfg.batch_size, self.env.rank
-        n_eval = min(self.cfg.eval_batches * B, self.val_data.n_blocks) if self.cfg.eval_batches else self.val_data.n_blocks
-        device = self.env.device
-        loss_sum, count = torch.zeros((), dtype=torch.float64, device=device), 0  # summed on the device: one read at the end
-        for k in range(math.ceil(n_eval / (W * B))):
-            first = k * W * B + r * B
-            indices = [g % n_eval for g in range(first, first + B)]
-            n_valid = max(0, min(B, n_eval - first))  # slots g < n_eval: a prefix of the batch
-            blocks = torch.from_numpy(np.stack([self.val_data.block(i) for i in indices]))
-            logits = model(blocks[:, :-1].to(device))
-            losses = F.cross_entropy(logits.flatten(0, 1).float(), blocks[:, 1:].flatten().to(device),
-                                     reduction="none").view(B, -1).mean(dim=1)
-            loss_sum += losses[:n_valid].sum().double()  # padding dropped by a slice, not a device mask
-            count += n_valid
-        totals = torch.stack([loss_sum, torch.full((), float(count), dtype=torch.float64, device=device)])
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(totals)
-        total, n = totals.tolist()
-        val_loss = total / max(n, 1)
+        """Mean validation loss over the fixed evaluation blocks, the same at any world size
+        (steptitan/evaluate.py); logged to the console and the trackers."""
+        val_loss = validation_loss(model, self.val_data, self.cfg.batch_size, self.cfg.eval_batches, self.env)
         self.metrics.scalars({"val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 50))}, self.global_step)
         log.info(f"[stage {plan.index}] step {step}: val loss {val_loss:.4f}, ppl {math.exp(min(val_loss, 50)):.2f}")
         return val_loss
@@ -362,38 +337,12 @@ class Trainer:
         if self.recipe.metrics.sample_prompts:
             self.log_samples(plan, model)
         faults.pause_point("step", plan.index, plan.steps, self.env.rank)
-        memory = memory_breakdown(model, self.optimizer, [m.extra_state_bytes() for m in plan.peft])
-        groups = params_by_group(model, plan.old_layers, base_param_names(plan.shape))
-        # per shard rank (HSDP replicas hold what their shard group holds); steptitan/memory.py, checked in BENCHMARKS.md
-        predicted = predict_stage(plan, self.env.dp_shard, self.cfg)
-        flops = stage_flops_per_token(plan, self.cfg.seq_len, self.cfg.activation_checkpointing)
-        per_rank = all_gather_object({"rank": self.env.rank, "memory": memory, "peak_rss": peak_rss_bytes(),
-                                      "cuda_peak": cuda_peak_bytes(), "cuda_reserved": cuda_reserved_bytes(),
-                                      "peak_step_memory": self.stage_peak_memory})
-        self.stage_summaries.append({
-            "index": plan.index, "name": plan.name, "n_layers": plan.shape.n_layers, "dim": plan.shape.dim,
-            "steps": plan.steps, "trainable_params": plan.trainable_params, "frozen_params": plan.frozen_params,
-            "trainable_by_group": groups["trainable"], "frozen_by_group": groups["frozen"],
-            "first_loss": self.stage_losses[0] if self.stage_losses else None,
-            "last_loss": self.stage_losses[-1] if self.stage_losses else None,
-            "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)), "wall_s": wall,
-            "tokens_per_s": tokens / wall if tokens else 0.0,
-            "step_tokens_per_s": self.step_time_tokens / self.step_time if self.step_time else 0.0,  # steps 2.. only
-            "peak_rss_bytes": max(r["peak_rss"] for r in per_rank),
-            "peak_model_state_bytes": max(r["peak_step_memory"].get("model_states", 0) for r in per_rank),
-            "predicted_model_state_bytes": [r["model_states"] for r in predicted.per_rank],
-            "predicted_activation_bytes": predicted.activations,
-            "predicted_overhead_bytes": predicted.overheads,  # per rank: padding, buffers, logits, ... (flops.overhead_bytes)
-            "flops_per_token": flops.as_dict(),
-            "train_flops": flops.total * plan.steps * self.env.world_size * self.cfg.batch_size * self.cfg.grad_accum * self.cfg.seq_len,
-            "ranks": per_rank,
-        })
-        for r in per_rank:  # per-stage peaks (model states at the largest step, RSS, CUDA) in TensorBoard
-            step_mem = r["peak_step_memory"]
-            self.metrics.scalars({f"stage_memory/rank{r['rank']}/{k}": v for k, v in
-                                  {**step_mem, "peak_rss": r["peak_rss"], "cuda_max_allocated": r["cuda_peak"],
-                                   "cuda_max_reserved": r["cuda_reserved"]}.items()},
-                                 self.global_step)
+        row = stage_row(plan, model, self.optimizer, self.env, self.cfg, losses=self.stage_losses, val_loss=val_loss,
+                        wall=wall, tokens=tokens, step_time=self.step_time, step_time_tokens=self.step_time_tokens,
+                        peak_step_memory=self.stage_peak_memory)  # a collective: gathers every rank's memory
+        self.stage_summaries.append(row)
+        for r in row["ranks"]:  # per-stage peaks (model states at the largest step, RSS, CUDA) in TensorBoard
+            self.metrics.scalars(stage_memory_scalars(r), self.global_step)
         self.stage_peak_memory = {}
 
     def log_samples(self, plan: StagePlan, model: nn.Module) -> None:
@@ -482,23 +431,11 @@ class Trainer:
         return info.step
 
     def write_summary(self) -> dict[str, Any]:
-        last = self.stage_summaries[-1] if self.stage_summaries else {}
-        summary = {
-            "recipe": self.recipe.name, "world_size": self.env.world_size,
-            "dp_replicate": self.env.dp_replicate, "dp_shard": self.env.dp_shard,
-            "final_val_loss": last.get("val_loss"), "final_val_ppl": last.get("val_ppl"),
-            "peak_rss_bytes": max((s["peak_rss_bytes"] for s in self.stage_summaries), default=0),
-            "peak_model_state_bytes": max((s["peak_model_state_bytes"] for s in self.stage_summaries), default=0),
-            "stages": self.stage_summaries, "recipe_resolved": to_dict(self.recipe),
-            # the run's wall time over all launches (time between a resumed checkpoint and its interruption excluded)
-            "wall_time_s": self.progress.elapsed(), "tokens_seen": self.samples_seen * self.cfg.seq_len,
-        }
-        self.metrics.summary({k: summary[k] for k in ("final_val_loss", "final_val_ppl", "wall_time_s", "tokens_seen",
-                                                      "peak_model_state_bytes", "peak_rss_bytes")})
+        summary = run_summary(self.recipe, self.env, self.stage_summaries, self.progress.elapsed(),
+                              self.samples_seen * self.cfg.seq_len)
+        self.metrics.summary({k: summary[k] for k in TRACKED})
         if self.env.is_main:
-            tmp = self.run_dir / "summary.json.tmp"
-            tmp.write_text(json.dumps(summary, indent=1))
-            tmp.replace(self.run_dir / "summary.json")
+            path = write_summary_json(summary, self.run_dir)
             log.info(f"summary: final val loss {summary['final_val_loss']:.4f}, {summary['tokens_seen']:,} tokens in "
-                     f"{fmt_duration(summary['wall_time_s'])} -> {self.run_dir / 'summary.json'}")
+                     f"{fmt_duration(summary['wall_time_s'])} -> {path}")
         return summary

@@ -24,7 +24,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, settings, strategies as st
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -96,6 +96,32 @@ def dense(shape, seed: int) -> torch.nn.Module:
     model = build_model(shape, device="cpu")
     init_model_weights(model)
     return model
+
+
+def dense_every_block_matters(shape, seed: int) -> torch.nn.Module:
+    """A model whose every block matters: torchtitan's init makes branch outputs tiny next to the
+    embeddings, which would hide a wrong block; here linears are N(0, 1/fan_in) and norms 1 + noise."""
+    model = dense(shape, seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            elif p is not model.tok_embeddings.weight:
+                p.normal_(0, p.shape[1] ** -0.5)
+    return model
+
+
+@st.composite
+def model_shapes(draw, head_dims=(2, 4, 6), kv_heads=(1, 2), group=(1, 2), layers=(1, 2), vocab=(8, 40), ffn=(3, 24)):
+    """Random small shapes, GQA included (n_heads = n_kv_heads x group); each argument is a choice or an
+    inclusive range. Heads and KV heads of 1 occur."""
+    from steptitan.model import ModelShape
+
+    head_dim = draw(st.sampled_from(list(head_dims)))
+    n_kv = draw(st.integers(*kv_heads))
+    n_heads = n_kv * draw(st.integers(*group))
+    return ModelShape(dim=n_heads * head_dim, n_layers=draw(st.integers(*layers)), n_heads=n_heads, n_kv_heads=n_kv,
+                      vocab_size=draw(st.integers(*vocab)), ffn_hidden=draw(st.integers(*ffn)), max_seq_len=16)
 
 
 def write_dist_info(root: Path, name: str, version: str, entry_points: dict[str, str]) -> Path:

@@ -28,6 +28,15 @@ K_FFN = max(1, int(FFN_RATIO * FFN))  # 8 advantageous and 8 disadvantageous FFN
 K_HEADS = max(1, int(HEAD_RATIO * HEADS))  # 1 query head of each kind (o_proj columns)
 K_KV = max(1, int(HEAD_RATIO * KV_HEADS))  # 1 KV head of each kind (v_proj rows)
 
+TRAINING = """
+[training]
+seq_len = 32
+batch_size = 4
+eval_batches = 1
+warmup_steps = 1
+lr = 3e-3
+"""  # both runs
+
 PRETRAIN = f"""
 [model]
 dim = {DIM}
@@ -36,12 +45,7 @@ n_heads = {HEADS}
 n_kv_heads = {KV_HEADS}
 vocab_size = 384
 ffn_hidden = {FFN}
-[training]
-seq_len = 32
-batch_size = 4
-eval_batches = 1
-warmup_steps = 1
-lr = 3e-3
+{TRAINING}
 [[stages]]
 steps = 4
 """
@@ -49,12 +53,7 @@ steps = 4
 APEX_CPT = """
 [model]
 init_from = "{hf}"   # shape and tokenizer from the exported folder
-[training]
-seq_len = 32
-batch_size = 4
-eval_batches = 1
-warmup_steps = 1
-lr = 3e-3
+""" + TRAINING + """
 [[stages]]
 steps = 5
 freeze = ["embeddings", "head"]

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from conftest import WIKITEXT
-from steptitan.data import BlockSampler, DataError, prepare_data, stdlib_docstrings
+from steptitan.data import BlockSampler, DataError, prepare_data, stdlib_docstrings, trained_tokenizer_dir
 from steptitan.recipe import DataConfig
 
 TEXT = (WIKITEXT / "valid.txt").read_text()[:60_000] if WIKITEXT.is_dir() else "hello world. " * 5000
@@ -31,6 +31,8 @@ def test_local_formats_and_reuse_of_a_tokenizer(tmp_path):
     cache = tmp_path / "cache"
     from_txt = prepare_data(DataConfig(files=[str(txt)], cache_dir=str(cache)), 512)
     assert from_txt.vocab_size <= 512
+    # export/generate find the trained BPE where prepare_data put it (steptitan/export.py find_tokenizer)
+    assert trained_tokenizer_dir(DataConfig(files=[str(txt)], cache_dir=str(cache)), 512) == from_txt.tokenizer_dir
     tok = from_txt.tokenizer_dir / "tokenizer.json"
     with pytest.raises(DataError, match="no column 'text'"):
         prepare_data(DataConfig(files=[str(jsonl)], cache_dir=str(cache), tokenizer=str(tok)), 512)

@@ -83,19 +83,31 @@ def _logged_lrs(env, recipe_dict):
         scalars(values, step)
 
     trainer.metrics.scalars = capture
+    used = {}  # step -> the LR in every param group of every optimizer when optimizer.step() runs
+    optimizer_step = trainer.optimizer_step
+
+    def record(plan, model, step):
+        used[step] = {g["lr"] for o in trainer.optimizer.optimizers for g in o.param_groups}
+        optimizer_step(plan, model, step)
+
+    trainer.optimizer_step = record
     trainer.run()
-    return logged
+    return logged, used
 
 
 def test_logged_lr_is_the_lr_the_step_used(tmp_path):
-    """Issue 11: the scheduler stepped before log_step read it, so step s logged step s+1's LR. Expected
-    values come from the schedule's definition (torchtitan 0.2.2: linear warm-up, one stable step, then
+    """Issue 11: the scheduler stepped before log_step read it, so step s logged step s+1's LR. The logged LR
+    must be the one in the optimizers' param groups when step s's optimizer.step() ran, and its values
+    come from the schedule's definition (torchtitan 0.2.2: linear warm-up, one stable step, then
     linear decay to min_lr_factor over T - W steps), 1-based: step s <= W runs at lr s / W, step W + 1 at lr,
     step s > W + 1 at lr (f + (1 - f)(1 - (s - W - 1) / (T - W)))."""
     lr, warmup, total, floor = 1e-3, 3, 6, 0.1
     d = _recipe_dict(str(tmp_path / "run"), lr=lr, warmup_steps=warmup, decay_type="linear", min_lr_factor=floor,
                      steps_per_log=1, eval_batches=1)
-    logged, = run_distributed(_logged_lrs, 1, recipe_dict=d)
+    (logged, used), = run_distributed(_logged_lrs, 1, recipe_dict=d)
+    assert sorted(used) == list(range(1, total + 1))
+    for s in range(1, total + 1):  # the logged LR is the one the optimizer stepped with
+        assert used[s] == {logged[s]}, (s, logged[s], used[s])
 
     def expected(s: int) -> float:
         if s <= warmup:

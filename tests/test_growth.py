@@ -12,8 +12,10 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 from steptitan.growth import dense_params
-from steptitan.model import ModelShape, build_model, init_model_weights
+from steptitan.model import ModelShape
 from steptitan.registry import GROWTH
+
+from conftest import dense_every_block_matters as dense  # test_growth_dist and test_hsdp import it from here
 
 SEQ = 7
 
@@ -28,21 +30,6 @@ def shapes(draw, min_layers: int = 1, max_layers: int = 3) -> ModelShape:
         vocab_size=draw(st.integers(8, 64)), ffn_hidden=draw(st.integers(4, 48)),
         tie_embeddings=draw(st.booleans()), max_seq_len=16,
     )
-
-
-def dense(shape: ModelShape, seed: int) -> torch.nn.Module:
-    """A model whose every block matters: torchtitan's init makes branch outputs tiny next to the
-    embeddings, which would hide a wrong block; here linears are N(0, 1/fan_in) and norms 1 + noise."""
-    torch.manual_seed(seed)
-    model = build_model(shape, device="cpu")
-    init_model_weights(model)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.copy_(1 + 0.2 * torch.randn_like(p))
-            elif p is not model.tok_embeddings.weight:
-                p.normal_(0, p.shape[1] ** -0.5)
-    return model
 
 
 def make(name: str, **options):

@@ -60,6 +60,15 @@ def test_a_half_implemented_plugin_is_refused_at_definition():
                 return torch.optim.SGD([p for _, p in named_params], lr=hparams.lr)
 
 
+def test_options_built_in_code_meet_the_same_declarations():
+    """As PEFT and growth plugins (tests/test_recipe.py): an optimizer plugin built in code with options outside
+    their declared range is refused with the recipe's message, not trained with."""
+    galore = OPTIM.get("galore")
+    with pytest.raises(ValueError, match=r"galore\.rank must be > 0, got 0"):
+        galore(galore.Options(rank=0))
+    assert galore(galore.Options(rank=4)).options.rank == 4
+
+
 def test_unknown_names_and_groups_get_did_you_mean():
     with pytest.raises(RecipeError, match=r"unknown optimizer 'adam_mni'.*Did you mean 'adam_mini'"):
         resolve_assignment([({"embeddings": "adam_mni"}, "stages.1.optim")])

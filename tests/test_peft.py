@@ -21,18 +21,12 @@ from steptitan.registry import PEFT
 from steptitan.registry.peft.lora import ALL_LINEARS, lora_modules
 from steptitan.registry.peft.refactor import refactor_lora_linear
 
-from conftest import REPO, dense
+from conftest import REPO, dense, model_shapes
 
 ATOL, RTOL = 5e-5, 1e-5  # float32 tolerances on logits of order 1 for transforms that round (compensation, SVD)
 
 
-@st.composite
-def shapes(draw) -> ModelShape:
-    head_dim = draw(st.sampled_from([2, 4, 6]))
-    n_kv = draw(st.integers(1, 2))
-    n_heads = n_kv * draw(st.integers(1, 2))
-    return ModelShape(dim=n_heads * head_dim, n_layers=draw(st.integers(1, 2)), n_heads=n_heads, n_kv_heads=n_kv,
-                      vocab_size=draw(st.integers(8, 40)), ffn_hidden=draw(st.integers(3, 24)), max_seq_len=16)
+shapes = model_shapes  # its defaults: heads 1..4 in groups of KV heads 1..2, 1..2 layers, FFN 3..24
 
 
 TARGETS = st.sampled_from([list(ALL_LINEARS), ["wq", "wv"], ["feed_forward.*"]])

@@ -10,42 +10,23 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
-from steptitan.model import ModelShape, build_model, init_model_weights
+from steptitan.model import ModelShape, build_model
 from steptitan.peft import StepContext
 from steptitan.plan import build_plan
-from steptitan.recipe import RecipeError, load_recipe
+from steptitan.recipe import RecipeError, load_recipe, load_recipe_dict, recipe_from_dict
 from steptitan.registry import PEFT
 from steptitan.registry.peft.apex import ApexLinear, apex_modules, monarch, rank_units
 
-from conftest import REPO
+from conftest import REPO, dense_every_block_matters as dense, model_shapes
 
 
-@st.composite
-def shapes(draw) -> ModelShape:
+def shapes():
     """Random shapes, GQA included; heads and KV heads of 1 occur (then wo / wv cannot be targeted)."""
-    head_dim = draw(st.sampled_from([2, 4, 6]))
-    n_kv = draw(st.integers(1, 3))
-    n_heads = n_kv * draw(st.integers(1, 3))
-    return ModelShape(dim=n_heads * head_dim, n_layers=draw(st.integers(1, 2)), n_heads=n_heads, n_kv_heads=n_kv,
-                      vocab_size=draw(st.integers(8, 40)), ffn_hidden=draw(st.integers(2, 40)), max_seq_len=16)
+    return model_shapes(kv_heads=(1, 3), group=(1, 3), ffn=(2, 40))
 
 
 def feasible_targets(shape: ModelShape) -> list[str]:
     return ["w1", "w2", "w3"] + (["wo"] if shape.n_heads >= 2 else []) + (["wv"] if shape.n_kv_heads >= 2 else [])
-
-
-def dense(shape: ModelShape, seed: int) -> torch.nn.Module:
-    """Every block matters: linears N(0, 1/fan_in), norms 1 + noise (as tests/test_growth.py)."""
-    torch.manual_seed(seed)
-    model = build_model(shape, device="cpu")
-    init_model_weights(model)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.copy_(1 + 0.2 * torch.randn_like(p))
-            elif p is not model.tok_embeddings.weight:
-                p.normal_(0, p.shape[1] ** -0.5)
-    return model
 
 
 def apex(shape: ModelShape, seed: int, **options):
@@ -227,3 +208,20 @@ def test_cpt_recipes_train_the_same_number_of_parameters():
 def test_recipe_errors_name_the_option():
     with pytest.raises(RecipeError, match="ffn_ratio"):
         build_plan(load_recipe(REPO / "recipes" / "apex_cpt.toml", ["stages.1.peft.ffn_ratio=0.9"]))
+
+
+def test_apex_choices_and_ranges_are_checked_with_the_rest_of_the_recipe_in_one_pass():
+    """Issue 13: the options declare their choices and ranges, so the schema reports them together with the
+    recipe's other errors, a wrong target with a did-you-mean, before any plan is built."""
+    data = load_recipe_dict(REPO / "recipes" / "apex_cpt.toml", [
+        "training.lr=0", "stages.1.peft.targets=[wv,w33]", "stages.1.peft.ffn_ratio=0.9",
+        "stages.1.peft.score_steps=0", "stages.1.peft.nblocks=-1"])
+    with pytest.raises(RecipeError) as exc:
+        recipe_from_dict(data)
+    assert sorted(x.strip() for x in str(exc.value).splitlines()[1:]) == sorted([
+        "training.lr: must be > 0, got 0.0",
+        "stages.1.peft: apex.targets.1 must be one of wv, wo, w1, w2, w3, got 'w33' (did you mean 'w3'?)",
+        "stages.1.peft: apex.ffn_ratio must be in (0, 0.5], got 0.9",
+        "stages.1.peft: apex.score_steps must be >= 1, got 0",
+        "stages.1.peft: apex.nblocks must be >= 0, got -1",
+    ])

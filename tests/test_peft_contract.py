@@ -5,6 +5,8 @@ Throwaway plugins are registered for one test and removed again:
 * a method whose ``apply`` adds parameters but keeps the inherited no-op ``merge`` is refused
   by ``build_plan`` (a RecipeError naming the method and the stage), one that overrides
   ``merge`` is accepted, and a method without ``Options`` gets the empty default;
+* every hook the core calls is declared on the base class with its default (the ``--dry-run``
+  ``label``, which lora_embed overrides);
 * through the real ``Trainer`` (one gloo rank, FSDP2): the optimizer-step hooks run around
   every step that is taken and neither runs on a step skipped for a non-finite loss
   (STEPTITAN_INJECT_NAN); ``lr_factor`` gets the same 1-based step as ``ctx.step``; and every
@@ -71,6 +73,19 @@ def _recipe(method: str, **extra) -> dict:
             "stages": [{"name": "s0", "steps": 2, "peft": {"method": method, "layers": "all", **extra}}]}
 
 
+def test_the_dry_run_label_is_a_hook_declared_on_the_base_class():
+    """Issue 13: every hook the core calls is declared on PeftMethod with its default, none looked up by
+    name; the --dry-run label defaults to the number of adapted layers, and lora_embed overrides it."""
+    from steptitan.peft import overrides
+    from steptitan.plan import peft_text
+
+    assert NoParameters(layers=[0, 2]).label() == "2L"
+    lora_embed = PEFT.get("lora_embed")
+    method = lora_embed(lora_embed.Options(), [])
+    assert overrides(method, "label") and method.label() == "emb+head"
+    assert peft_text(method).startswith("lora_embed[emb+head] ")
+
+
 def test_a_method_that_adds_parameters_must_override_merge(register):
     from steptitan.plan import build_plan
     from steptitan.recipe import RecipeError, recipe_from_dict
@@ -86,6 +101,9 @@ def test_a_method_that_adds_parameters_must_override_merge(register):
     (bare,) = build_plan(recipe_from_dict(_recipe("test_no_params")))  # no parameters: no merge needed
     assert plan.trainable_params == bare.trainable_params + SHAPE["n_layers"]  # one scalar per block
     assert dataclasses.fields(bare.peft[0].options) == ()  # the default Options: an empty dataclass
+    from steptitan.cli import list_plugins
+
+    assert "  test_no_params " in list_plugins()  # listed too (issue 11: an AttributeError without Options)
 
 
 # --------------------------------------------------------------------------- through the trainer

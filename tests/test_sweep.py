@@ -248,41 +248,9 @@ recipe = "../rec/base.toml"
 def test_real_sweep_from_its_folder_shows_the_steptitan_error_of_a_failed_run(tmp_path):
     """Through the real entry point: relative data and cache resolve in the sweep's folder; a run that fails in
     steptitan.train is summarised by its `steptitan: error:` line, not by torchrun's traceback."""
-    from steptitan.data import stdlib_docstrings
-
     folder = tmp_path / "exp"
-    (folder / "data").mkdir(parents=True)
-    text = "\n\n".join(stdlib_docstrings()[:300])
-    write(folder / "data" / "train.txt", text[:40000])
-    write(folder / "data" / "val.txt", text[40000:50000])
-    write(folder / "tiny.toml", """
-recipe = "base.toml"
-[axes]
-"training.seq_len" = [16, 100000]
-""")
-    write(folder / "base.toml", """
-name = "tiny"
-[model]
-dim = 32
-n_layers = 1
-n_heads = 2
-vocab_size = 512
-[data]
-files = ["data/train.txt"]
-val_files = ["data/val.txt"]
-cache_dir = "cache"
-[training]
-batch_size = 2
-eval_batches = 1
-warmup_steps = 1
-[checkpoint]
-enabled = false
-[[stages]]
-steps = 2
-""")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "steptitan", "sweep", "tiny.toml", "--no-progress"], cwd=folder,
-                          capture_output=True, text=True, env=env, timeout=300)
+    _tiny_sweep_folder(folder, 2, '[axes]\n"training.seq_len" = [16, 100000]\n', checkpoints=False)
+    proc = _sweep(folder, "--no-progress", timeout=300)
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (folder / "runs" / "tiny" / "seq_len=16" / "summary.json").is_file()
     assert (folder / "cache" / "tokens").is_dir()  # the relative cache_dir landed beside the sweep, not in the checkout
@@ -404,7 +372,7 @@ sys.exit(sweep.main([{str(f)!r}, "--no-progress", "--out", {str(tmp_path / 'out'
 # --------------------------------------------------------------------------- the sweep command line (issue 16, item 5)
 
 
-def _tiny_sweep_folder(folder: Path, steps: int, axes: str) -> None:
+def _tiny_sweep_folder(folder: Path, steps: int, axes: str, checkpoints: bool = True) -> None:
     """A sweep folder with its own small corpus and a 1-layer base recipe."""
     from steptitan.data import stdlib_docstrings
 
@@ -412,6 +380,7 @@ def _tiny_sweep_folder(folder: Path, steps: int, axes: str) -> None:
     text = "\n\n".join(stdlib_docstrings()[:300])
     write(folder / "data" / "train.txt", text[:40000])
     write(folder / "data" / "val.txt", text[40000:50000])
+    no_checkpoints = "" if checkpoints else "[checkpoint]\nenabled = false"
     write(folder / "base.toml", f"""
 name = "tiny"
 [model]
@@ -429,16 +398,17 @@ seq_len = 16
 eval_batches = 1
 warmup_steps = 1
 steps_per_log = 1
+{no_checkpoints}
 [[stages]]
 steps = {steps}
 """)
     write(folder / "tiny.toml", f'recipe = "base.toml"\n{axes}\n')
 
 
-def _sweep(folder: Path, *args: str, **kw) -> subprocess.CompletedProcess:
+def _sweep(folder: Path, *args: str, timeout: float = 900, **kw) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "steptitan", "sweep", "tiny.toml", *args], cwd=folder,
-                          capture_output=True, text=True, env=env, timeout=900, **kw)
+                          capture_output=True, text=True, env=env, timeout=timeout, **kw)
 
 
 def test_sweep_check_through_the_cli_names_missing_data_and_model_folders(tmp_path):

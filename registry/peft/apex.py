@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 import torch.distributed as dist
@@ -51,16 +51,21 @@ from steptitan.registry import PEFT
 
 # short name -> (unit family, side): "rows" = the units are output rows, "cols" = input columns
 LINEARS = {"w1": ("ffn", "rows"), "w3": ("ffn", "rows"), "w2": ("ffn", "cols"), "wv": ("kv", "rows"), "wo": ("heads", "cols")}
+ApexTarget = Literal["wv", "wo", "w1", "w2", "w3"]
+assert set(get_args(ApexTarget)) == set(LINEARS)
 SCORED_BY = {"ffn": "feed_forward.w2", "heads": "attention.wo", "kv": "attention.wo"}  # whose input is scored
 
 
 @dataclass
 class ApexOptions:
-    targets: list[str] = field(default_factory=lambda: list(LINEARS))  # any of wv, wo, w1, w2, w3
-    ffn_ratio: float = 0.125  # k = max(1, floor(ratio * ffn_hidden)) advantageous and as many disadvantageous channels
-    head_ratio: float = 0.25  # the same for query heads (wo) and KV heads (wv); 2k must fit in the heads
-    score_steps: int = 10  # training steps (from the stage start) whose forwards vote; the adapters train after
-    nblocks: int = 0  # Monarch blocks p; 0 = the divisor of n = k * unit size closest to sqrt(n)
+    targets: list[ApexTarget] = field(default_factory=lambda: list(LINEARS))  # a non-empty subset, default all
+    # k = max(1, floor(ratio * ffn_hidden)) advantageous and as many disadvantageous channels (2k are selected)
+    ffn_ratio: float = field(default=0.125, metadata={"gt": 0, "le": 0.5})
+    # the same for query heads (wo) and KV heads (wv); 2k must fit in the heads
+    head_ratio: float = field(default=0.25, metadata={"gt": 0, "le": 0.5})
+    # training steps (from the stage start) whose forwards vote (the selection needs votes); the adapters train after
+    score_steps: int = field(default=10, metadata={"ge": 1})
+    nblocks: int = field(default=0, metadata={"ge": 0})  # Monarch blocks p; 0 = the divisor of n = k * unit size closest to sqrt(n)
     freeze_rest: bool = True  # also freeze wq, wk and the norms of the method's blocks (only APEX parts train)
 
 
@@ -178,17 +183,10 @@ class Apex(PeftMethod):
     description = "APEX: score heads/FFN channels, expand advantageous ones into disadvantageous ones (Monarch mixer), fuse at stage end"
 
     def __init__(self, options: ApexOptions | None = None, layers: list[int] | None = None, seed: int = 0):
-        super().__init__(options, layers, seed)
+        super().__init__(options, layers, seed)  # checks the declared choices and ranges
         o = self.options
-        bad = [t for t in o.targets if t not in LINEARS]
-        if bad or not o.targets:
-            raise ValueError(f"apex.targets must be a non-empty subset of {list(LINEARS)}, got {o.targets}")
-        if not (0 < o.ffn_ratio <= 0.5 and 0 < o.head_ratio <= 0.5):
-            raise ValueError(f"apex.ffn_ratio and apex.head_ratio must be in (0, 0.5] (2k units are selected), got {o.ffn_ratio}, {o.head_ratio}")
-        if o.score_steps < 1:
-            raise ValueError(f"apex.score_steps must be >= 1 (the selection needs votes), got {o.score_steps}")
-        if o.nblocks < 0:
-            raise ValueError(f"apex.nblocks must be >= 0, got {o.nblocks}")
+        if not o.targets:
+            raise ValueError(f"apex.targets must name at least one of {list(get_args(ApexTarget))}")
         self.families = sorted({LINEARS[t][0] for t in o.targets})
         self.counts: dict[str, torch.Tensor] = {}  # "layer.family" -> this rank's votes
         self.selection: dict[str, torch.Tensor] = {}  # "layer.family" -> cat(D, A) unit indices
