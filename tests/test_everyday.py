@@ -260,7 +260,8 @@ def ctrl_c(cmd: list[str], run_dir: Path, after_step: int = 4) -> tuple[subproce
 
 
 def interrupted_lines(out: str, run_dir: Path) -> list[re.Match]:
-    pattern = (r"steptitan: interrupted \(Ctrl-C / SIGINT\) on rank 0 during stage 0 \(narrow\), step (\d+); "
+    # Ctrl-C reaches every rank; whichever handles it first says so (rank 1 under load), the others are quiet.
+    pattern = (r"steptitan: interrupted \(Ctrl-C / SIGINT\) on rank \d+ during stage 0 \(narrow\), step (\d+); "
                rf"newest checkpoint: ({re.escape(str(run_dir))}/checkpoints/stage00-step\d+); run the same command")
     return list(re.finditer(pattern, out))
 
