@@ -220,7 +220,7 @@ class Checkpointer:
         except BaseException as exc:  # DCP's CheckpointException derives from BaseException
             # torch.save's zip writer reports a short write as "unexpected pos", without the errno
             if isinstance(exc, (KeyboardInterrupt, SystemExit)) or not (
-                    _is_enospc(exc) or shutil.disk_usage(self.root).free < 1 << 20):
+                    is_enospc(exc) or shutil.disk_usage(self.root).free < 1 << 20):
                 raise
             shutil.rmtree(tmp, ignore_errors=True)  # give the space back: the next attempt may fit
             raise DiskSpaceError(errno.ENOSPC, _space_message(self.root, shutil.disk_usage(self.root).free,
@@ -323,7 +323,7 @@ class Checkpointer:
         return torch.load(info.path / f"extra-rank{rank}.pt", weights_only=False)
 
 
-def _is_enospc(exc: BaseException) -> bool:
+def is_enospc(exc: BaseException) -> bool:
     """ENOSPC/EDQUOT anywhere in ``exc``: DCP wraps per-rank write errors in a CheckpointException."""
     seen: list[BaseException] = [exc]
     while seen:

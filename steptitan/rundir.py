@@ -11,7 +11,8 @@ Rules (docs/reliability.md section 6), all checked before any process group star
 
 * a folder with the marker but no checkpoint (an attempt that stopped early,
   e.g. on a data error) starts afresh;
-* a finished run (marker says finished and summary.json exists) is left untouched:
+* a finished run (summary.json exists and the marker says finished, or there is no marker:
+  a folder of an older steptitan) is left untouched:
   ``finished_message`` makes every rank stop at once with "already finished";
 * a second launch into a folder whose lock is held is refused at once, naming the holder;
 * ``overwrite=true`` deletes only what steptitan wrote: a folder with the marker or
@@ -31,7 +32,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from steptitan.checkpoint import newest_intact, read_checkpoint
+from steptitan.checkpoint import checkpoint_problem, list_checkpoints, newest_intact, read_checkpoint
 from steptitan.plan import StagePlan, plan_fingerprint
 from steptitan.recipe import Recipe, RecipeError, to_dict
 
@@ -70,12 +71,17 @@ def finished_message(recipe: Recipe) -> str | None:
     on its own, since a rank that exits 0 does not make torchrun stop its peers.
     """
     run_dir = recipe.run_dir
-    marker = read_marker(run_dir) if run_dir.is_dir() else None
-    if recipe.overwrite or not marker or marker.get("status") != "finished" or not (run_dir / "summary.json").is_file():
+    if recipe.overwrite or not (run_dir / "summary.json").is_file():
+        return None
+    marker = read_marker(run_dir)
+    # No marker: a folder finished by a steptitan older than the marker (summary.json is written at a run's end
+    # only). A marker saying "running" beside a summary.json: a finished run trained on (longer), then stopped.
+    if marker is not None and marker.get("status") != "finished":
         return None
     if _stage_steps(run_dir) != [stage.steps for stage in recipe.stages]:
         return None  # the same run asked to train longer (or shorter): resume from its checkpoints instead
-    return (f"run {recipe.name!r} in {run_dir} already finished ({marker.get('finished', '?')}); "
+    when = (marker or {}).get("finished") or "before its run marker existed"
+    return (f"run {recipe.name!r} in {run_dir} already finished ({when}); "
             f"summary.json and the logs are left untouched. Pass overwrite=true to train it again from scratch, "
             f"or delete summary.json to re-run its last stage end from the newest checkpoint")
 
@@ -196,6 +202,13 @@ def _apply_reuse_rules(recipe: Recipe, plans: list[StagePlan]) -> None:
         return
     if has_ckpt and resume == "auto":
         found = newest_intact(ckpt_dir)
+        if found is None and list_checkpoints(ckpt_dir):
+            # Starting afresh would prune them as the new run saves: a file system that lost files for a while
+            # (NFS, a full disk) must not cost the run. Say what is wrong with each and change nothing.
+            problems = "; ".join(f"{info.path.name}: {checkpoint_problem(info)}" for info in list_checkpoints(ckpt_dir))
+            raise RunDirError(
+                f"every checkpoint in {ckpt_dir} is damaged ({problems}); nothing was changed. Restore the files, "
+                f"pass checkpoint.resume=<a good checkpoint folder>, or overwrite=true to start afresh")
         _check_fingerprint(found.meta.get("plan_fingerprint") if found else None, plans, f"output folder {run_dir}")
     elif not (has_ckpt and resume != "never"):
         raise RunDirError(

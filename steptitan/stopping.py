@@ -2,7 +2,9 @@
 
 * **SIGTERM** is what cluster schedulers (and ``torchrun``, when it is itself
   SIGTERMed) send before they kill a job. Before the process group exists it
-  ends the process at once (nothing to save). Afterwards the handler only sets
+  ends the process at once (nothing to save): exit 5 during data preparation,
+  the kernel's default action while the process group starts (``sigterm_kills``).
+  Afterwards the handler only sets
   a flag; the next training step all-reduces it together with its loss (so
   ranks that got the signal at slightly different moments, or not at all,
   agree on one step, at no extra host-device sync), saves a checkpoint of
@@ -47,9 +49,21 @@ def install_sigterm_handler() -> None:
     signal.signal(signal.SIGTERM, _on_sigterm)
 
 
+def sigterm_kills() -> None:
+    """While the process group starts, SIGTERM kills at once (the kernel's default action; nothing to save).
+
+    A rank waits there for its peers inside C++ (the rendezvous store), where a
+    Python signal handler never runs: when rank 0 refuses a bad input (a locked
+    or foreign output folder, ...) and exits 2, torchrun SIGTERMs the waiting
+    ranks, and with the handler installed they would linger until torchrun's
+    SIGKILL 30 s later."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def defer_sigterm() -> None:
     """From now on SIGTERM waits for the next step boundary (the trainer calls ``stop_requested``)."""
     _state["deferred"] = True
+    signal.signal(signal.SIGTERM, _on_sigterm)
 
 
 def sigterm_flag() -> float:
@@ -90,6 +104,8 @@ def reports_interrupt(rank: int, watchdog, wait_s: float = 2.0) -> bool:
         return True
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
+        if (watchdog.failure() or "").startswith(f"rank {rank} failed:"):
+            return True  # a peer already left naming this rank: it was interrupted alone, and says so now
         status = watchdog.peer_status(0) or ""
         if status.startswith("failed:interrupted"):
             return False

@@ -103,6 +103,14 @@ class Watchdog:
         except Exception:  # noqa: BLE001 - the store is gone
             return None
 
+    def failure(self) -> str | None:
+        """The job's published failure (``rank K failed: ...`` / ``rank K stopped responding ...``), None if none."""
+        try:
+            key = f"{self.prefix}/failure"
+            return self._store.get(key).decode() if self._store.check([key]) else None  # type: ignore[union-attr]
+        except Exception:  # noqa: BLE001 - the store is gone
+            return None
+
     # ------------------------------------------------------------------ thread
 
     def _key(self, rank: int) -> str:

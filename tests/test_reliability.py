@@ -66,7 +66,7 @@ def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
     return out
 
 
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 180) -> None:
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 600) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
         if proc.poll() is not None:
@@ -75,6 +75,18 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 180) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
             pytest.fail(f"{path.name} did not appear within {timeout}s")
         time.sleep(0.05)
+
+
+def wait_for_steps(log: Path, proc: subprocess.Popen, steps: int, timeout: float = 600) -> None:
+    """Wait until rank 0 has logged ``steps`` training steps (startup alone can take minutes on a loaded 2-core machine)."""
+    deadline = time.monotonic() + timeout
+    while not (log.exists() and len(log.read_text().splitlines()) >= steps):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)  # no parked ranks left behind
+            out, _ = proc.communicate()
+            pytest.fail(f"the run did not reach step {steps} (exit {proc.returncode}):\n{out[-3000:]}")
+        time.sleep(0.02)
 
 
 def rank_pids(hooks: Path) -> dict[int, int]:
@@ -126,13 +138,18 @@ def kill_at(cache_dir: Path, tmp: Path, point: str, victim: int = 1, sig: int = 
     """Run until every rank is parked at ``point``, kill rank ``victim``; returns (run_dir, hooks, output, seconds to exit)."""
     run_dir, hooks = tmp / "run", tmp / "hooks-killed"
     proc = launch(tiny_args(cache_dir, run_dir, *extra), hooks, STEPTITAN_PAUSE_AT=point)
-    for rank in (0, 1):
-        wait_for(hooks / f"paused-rank{rank}", proc)
-    pids = rank_pids(hooks)
-    t0 = time.monotonic()
-    os.kill(pids[victim], sig)
-    out = finish(proc, timeout=120)
-    elapsed = time.monotonic() - t0
+    try:
+        for rank in (0, 1):
+            wait_for(hooks / f"paused-rank{rank}", proc)
+        pids = rank_pids(hooks)
+        t0 = time.monotonic()
+        os.kill(pids[victim], sig)
+        out = finish(proc, timeout=120)
+        elapsed = time.monotonic() - t0
+    finally:  # a failed wait must not leave parked ranks behind (they hold ports and CPU until killed)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
     assert proc.returncode != 0, out[-3000:]
     assert_nothing_left(pids)
     return run_dir, hooks, out, elapsed
@@ -294,41 +311,57 @@ def test_system_exit_on_one_rank_is_not_a_clean_finish(tmp_path, cache_dir):
     """A stray sys.exit(0) on rank 1 mid-stage: the job fails fast instead of hanging or reporting success."""
     run_dir, hooks = tmp_path / "run", tmp_path / "hooks"
     proc = launch(tiny_args(cache_dir, run_dir, "training.heartbeat_timeout_s=3"), hooks, STEPTITAN_EXIT_AT="0:2:1")
-    wait_for(hooks / "rank1.pid", proc)
+    log = hooks / "losses.jsonl"
+    wait_for_steps(log, proc, 2)  # rank 1 exits right after step 2
     t0 = time.monotonic()
     out = finish(proc, timeout=90)
     assert proc.returncode != 0, out[-3000:]
     assert "interrupted (SystemExit(0)) on rank 1 during stage 0 (small), step 2" in out, out[-3000:]
     assert not (run_dir / "summary.json").exists()
-    print(f"SystemExit on rank 1: job gone {time.monotonic() - t0:.1f}s after rank 1 started (6+4 steps)")
+    print(f"SystemExit on rank 1: all processes gone {time.monotonic() - t0:.1f}s after step 2 (heartbeat_timeout_s=3)")
 
 
-def test_sigterm_to_torchrun_saves_at_next_step_then_resumes_bit_exactly(tmp_path, cache_dir, baseline):
-    """Preemption: SIGTERM to the torchrun agent (as a scheduler sends it). Every rank saves the step it is
-    at, exits with code 5; the same command resumes and reproduces the uninterrupted losses bit for bit."""
-    run_dir, hooks = tmp_path / "run", tmp_path / "hooks-killed"
+def sigterm_mid_stage(cache_dir: Path, tmp: Path, to_torchrun: bool) -> tuple[Path, Path, str, float, int]:
+    """SIGTERM at step 2 of stage 0, to torchrun or to rank 1 only; checks that both ranks saved that one step.
+
+    Returns (run_dir, hooks, output, seconds until every process was gone, the saved step)."""
+    run_dir, hooks = tmp / "run", tmp / "hooks-killed"
     proc = launch(tiny_args(cache_dir, run_dir, "checkpoint.interval=0"), hooks, STEPTITAN_STEP_DELAY="0.4")
     log = hooks / "losses.jsonl"
-    deadline = time.monotonic() + 180
-    while not (log.exists() and len(log.read_text().splitlines()) >= 2):
-        assert proc.poll() is None and time.monotonic() < deadline, "the run did not reach step 2"
-        time.sleep(0.05)
+    wait_for_steps(log, proc, 2)
     pids = rank_pids(hooks)
     t0 = time.monotonic()
-    os.kill(proc.pid, signal.SIGTERM)
+    os.kill(proc.pid if to_torchrun else pids[1], signal.SIGTERM)
     out = finish(proc, timeout=60)
     elapsed = time.monotonic() - t0
     assert_nothing_left(pids)
-    done = losses(log)
-    assert max(done) < (0, STAGE0_STEPS), f"the run finished stage 0 before the signal: {sorted(done)}"
-    stage, step = max(done)
+    stage, step = max(losses(log))
+    assert stage == 0 and step < STAGE0_STEPS, f"the run finished stage 0 before the signal: {sorted(losses(log))}"
     saved = run_dir / "checkpoints" / f"stage{stage:02d}-step{step:06d}"
     assert [c.path for c in list_checkpoints(run_dir / "checkpoints")] == [saved], out[-3000:]
     assert (saved / "extra-rank0.pt").is_file() and (saved / "extra-rank1.pt").is_file()
     assert f"steptitan: preempted (SIGTERM): saved checkpoint {saved} at stage 0 (small), step {step}" in out, out[-3000:]
     assert elapsed < 30, f"took {elapsed:.1f}s to save and exit after SIGTERM (torchrun SIGKILLs at 30 s)"
+    return run_dir, hooks, out, elapsed, step
+
+
+def test_sigterm_to_torchrun_saves_at_next_step_then_resumes_bit_exactly(tmp_path, cache_dir, baseline):
+    """Preemption: SIGTERM to the torchrun agent (as a scheduler sends it). Every rank saves the step it is
+    at, exits with code 5; the same command resumes and reproduces the uninterrupted losses bit for bit."""
+    run_dir, hooks, _, elapsed, step = sigterm_mid_stage(cache_dir, tmp_path, to_torchrun=True)
     print(f"SIGTERM to torchrun: checkpoint of step {step} saved, all processes gone {elapsed:.1f}s later")
     resume_and_compare(cache_dir, tmp_path, run_dir, hooks, baseline)
+
+
+def test_sigterm_to_one_rank_saves_on_every_rank_and_exits_5(tmp_path, cache_dir):
+    """SIGTERM to rank 1 only (a scheduler signalling one worker, not torchrun): the flag rides on the step's
+    loss all-reduce, so rank 0 saves the same step too; every worker exits with the distinct code 5, which
+    torchrun's failure summary shows (a SIGTERMed torchrun ends in its own SignalException instead)."""
+    _, _, out, elapsed, step = sigterm_mid_stage(cache_dir, tmp_path, to_torchrun=False)
+    assert "exitcode  : 5" in out, out[-3000:]
+    assert "exitcode  : -15" not in out and "Signal 15" not in out, out[-3000:]  # not killed by the signal
+    print(f"SIGTERM to rank 1 only: checkpoint of step {step} saved by both ranks, exit code 5, "
+          f"all processes gone {elapsed:.1f}s after the signal")
 
 
 def test_damaged_checkpoints_are_skipped_and_resume_falls_back(tmp_path, cache_dir, baseline):
@@ -340,7 +373,9 @@ def test_damaged_checkpoints_are_skipped_and_resume_falls_back(tmp_path, cache_d
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     (ckpt / "stage00-step000003" / "extra-rank1.pt").unlink()
     (ckpt / "stage00-step000002" / "meta.json").write_text("{}")
+    t0 = time.monotonic()
     out = resume_and_compare(cache_dir, tmp_path, run_dir, hooks, baseline)
+    print(f"three damaged checkpoints skipped: the resumed run finished (exit 0) {time.monotonic() - t0:.1f}s after launch")
     assert f"checkpoint {ckpt / 'stage00-step000004'} is damaged ({shard.name} has" in out, out[-3000:]
     assert f"checkpoint {ckpt / 'stage00-step000003'} is damaged (extra-rank1.pt is missing)" in out
     assert f"checkpoint {ckpt / 'stage00-step000002'} is damaged (meta.json lacks stage" in out

@@ -99,3 +99,58 @@ def test_output_folder_is_never_reused_silently(tmp_path, capsys):
     (run_dir / "checkpoints" / "stage00-step000001").mkdir(parents=True)
     code, err = _run(capsys, *_small(tmp_path, f"data.files=[{text}]", "checkpoint.resume=never"))
     assert code == 2 and "checkpoint.resume=never" in err and (run_dir / "notes.txt").exists()
+
+
+def test_cgroup_memory_limit_is_the_machines_ram_in_a_container(tmp_path):
+    """A container / Slurm job sees the host's RAM in /proc/meminfo but is OOM-killed at its cgroup's limit."""
+    from steptitan.train import cgroup_memory_limit
+
+    proc = tmp_path / "cgroup"
+    proc.write_text("0::/job/42\n")  # cgroup v2
+    (tmp_path / "fs" / "job" / "42").mkdir(parents=True)
+    (tmp_path / "fs" / "job" / "42" / "memory.max").write_text("4294967296\n")
+    assert cgroup_memory_limit(str(proc), str(tmp_path / "fs")) == 4 << 30
+    (tmp_path / "fs" / "job" / "42" / "memory.max").write_text("max\n")
+    assert cgroup_memory_limit(str(proc), str(tmp_path / "fs")) is None
+    proc.write_text("4:memory:/docker/abc\n0::/\n")  # cgroup v1 (no limit = a number near 2^63)
+    (tmp_path / "fs" / "memory" / "docker" / "abc").mkdir(parents=True)
+    (tmp_path / "fs" / "memory" / "docker" / "abc" / "memory.limit_in_bytes").write_text("2147483648\n")
+    assert cgroup_memory_limit(str(proc), str(tmp_path / "fs")) == 2 << 30
+    (tmp_path / "fs" / "memory" / "docker" / "abc" / "memory.limit_in_bytes").write_text("9223372036854771712\n")
+    assert cgroup_memory_limit(str(proc), str(tmp_path / "fs")) is None
+    assert cgroup_memory_limit(str(tmp_path / "missing")) is None
+
+
+def test_embedded_corpus_streams_its_documents(monkeypatch):
+    """The embedded corpus yields its first docstring after parsing a file or two, not the whole standard
+    library (~30 s), so data preparation's progress lines flow from the start (issue 12: 30 s of silence)."""
+    import ast
+
+    from steptitan.corpus import corpus_docs
+    from steptitan.recipe import DataConfig
+
+    parsed: list[int] = []
+    real_parse = ast.parse
+    monkeypatch.setattr(ast, "parse", lambda *a, **k: parsed.append(1) or real_parse(*a, **k))
+    docs = corpus_docs(DataConfig())  # no files, no hub: the embedded stdlib-docs corpus
+    assert len(next(docs)) > 40
+    assert len(parsed) < 20, f"{len(parsed)} modules parsed before the first document"
+
+
+def test_no_disk_space_anywhere_in_training_is_named_exit_3(tmp_path, capsys, monkeypatch):
+    """ENOSPC outside a checkpoint's shards (summary.json, meta.json, TensorBoard, ...) is the same clear
+    disk-space message and exit 3 as in a checkpoint save, not a traceback (issue 12, defect 6: in every case)."""
+    import errno
+
+    from steptitan import trainer
+
+    def disk_full(self):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "summary.json"))
+
+    monkeypatch.setattr(trainer.Trainer, "run", disk_full)
+    text = tmp_path / "a.txt"
+    text.write_text("some words of text and more words. " * 300)
+    code, err = _run(capsys, *_small(tmp_path, f"data.files=[{text}]"))
+    assert code == 3 and "not enough disk space" in err and "No space left on device" in err, err
+    assert str(tmp_path / "run") in err and "Traceback" not in err, err
+    assert not dist.is_initialized()
