@@ -153,7 +153,12 @@ def test_tiny_benchmark_resumes_seed_by_seed_and_reports_again(tmp_path):
     assert "| 2 |" in row and "1 (the reference)" in row
     out.unlink()
     again = bench_cli("--seeds", "2", "--report-only")
-    assert again.returncode == 0 and out.read_text() == report
+
+    def body(text: str) -> list[str]:  # a report-only run names its own command, then the last one that ran runs
+        return [line for line in text.splitlines() if not line.startswith("Command:")]
+
+    assert again.returncode == 0 and body(out.read_text()) == body(report)
+    assert "--report-only` (report only; the last command that ran runs in that folder: `steptitan bench" in out.read_text()
     assert (tmp_path / "docs" / "bench" / "loss_vs_flops.png").read_bytes()[:4] == b"\x89PNG"
     # The run folders are gone: the ledger (docs/bench/ledger.json beside --out) rebuilds the same tables.
     import shutil
