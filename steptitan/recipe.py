@@ -122,6 +122,9 @@ class TrainingConfig:
     min_lr_factor: float = _range(0.1, ge=0, le=1)  # the schedule decays to lr * min_lr_factor
     warmup_steps: int = _range(10, ge=0)
     decay_type: DecayType = "cosine"  # torchtitan's LR schedule after warmup
+    # "stage": every stage warms up and decays on its own steps (a restart per stage); "run": one warmup
+    # (the first stage's) and one decay over all stages' steps, each stage taking its slice of it
+    lr_schedule: Literal["stage", "run"] = "stage"
     weight_decay: float = 0.1
     beta1: float = _range(0.9, ge=0, lt=1)
     beta2: float = _range(0.95, ge=0, lt=1)
@@ -147,6 +150,9 @@ class TrainingConfig:
     grad_sync: Literal["last", "every"] = "last"
     eval_interval: int = _range(0, ge=0)  # 0 = only at stage ends
     eval_batches: int = _range(8, ge=0)  # eval set = the first eval_batches x batch_size validation blocks, split across ranks (the same at any world size); 0 = the whole split
+    # the last stage's final evaluation: None = eval_batches; 0 = the whole validation split (the benchmark's
+    # report slice). Its per-block losses go to summary.json (final_val_block_losses) for a bootstrap over blocks.
+    final_eval_batches: int | None = _range(None, ge=0)
     deterministic: bool = False
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto = nccl on CUDA, gloo on CPU
     # Reliability (docs/reliability.md). Timeouts are at most one week (604800 s; datetime.timedelta must not overflow).

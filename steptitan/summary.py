@@ -75,6 +75,7 @@ def run_summary(recipe: Recipe, env: DistEnv, stages: list[dict[str, Any]], wall
         "recipe": recipe.name, "world_size": env.world_size,
         "dp_replicate": env.dp_replicate, "dp_shard": env.dp_shard,
         "final_val_loss": last.get("val_loss"), "final_val_ppl": last.get("val_ppl"),
+        "final_val_blocks": len(last.get("val_block_losses") or []),
         "peak_rss_bytes": max((s["peak_rss_bytes"] for s in stages), default=0),
         "peak_model_state_bytes": max((s["peak_model_state_bytes"] for s in stages), default=0),
         "stages": stages, "recipe_resolved": to_dict(recipe),

@@ -29,7 +29,7 @@ from steptitan import faults, stopping
 from steptitan.data import BlockSampler, PreparedData
 from steptitan.device import DTYPES, collect_garbage, compile_blocks, compute_dtype_name, drop_gradients
 from steptitan.distributed import DistEnv, all_gather_object, reshard, shard_model
-from steptitan.evaluate import validation_loss
+from steptitan.evaluate import block_losses
 from steptitan.growth import SameShape
 from steptitan.metrics import (
     cuda_peak_bytes,
@@ -185,9 +185,17 @@ class Trainer:
             peft_choice = method.optimizer_class(model) or peft_choice
         plugins = plan.optim or resolve_assignment([], plan.shape)
         self.optimizer = build_stage_optimizers(model, plugins, plan.param_group, hparams, peft_choice)
-        sched_cfg = LRSchedulerConfig(warmup_steps=min(plan.warmup_steps, plan.steps), decay_type=self.cfg.decay_type,
+        if self.cfg.lr_schedule == "run":  # one warmup + decay over the whole run; this stage takes its slice
+            total, offset = sum(p.steps for p in self.plans), sum(p.steps for p in self.plans[:plan.index])
+            warmup, length = min(self.plans[0].warmup_steps, total), total
+        else:  # a warmup + decay of this stage's own
+            offset, warmup, length = 0, min(plan.warmup_steps, plan.steps), plan.steps
+        sched_cfg = LRSchedulerConfig(warmup_steps=warmup, decay_type=self.cfg.decay_type,
                                       min_lr_factor=self.cfg.min_lr_factor)
-        base_lambda = build_lr_schedulers(self.optimizer, sched_cfg, plan.steps).schedulers[0].lr_lambdas[0]
+        run_lambda = build_lr_schedulers(self.optimizer, sched_cfg, length).schedulers[0].lr_lambdas[0]
+
+        def base_lambda(step: int) -> float:
+            return run_lambda(offset + step)
 
         def lr_lambda(step: int) -> float:  # PEFT methods may reshape it (ReLoRA's jagged restarts)
             factor = base_lambda(step)
@@ -320,10 +328,17 @@ class Trainer:
         log.warning(f"skipping the update of step {step}: {what} "
                     f"({self.skipped_steps}/{self.cfg.skip_nonfinite} skips used)")
 
-    def evaluate(self, plan: StagePlan, model: nn.Module, step: int) -> float:
+    def evaluate(self, plan: StagePlan, model: nn.Module, step: int, final: bool = False) -> float:
         """Mean validation loss over the fixed evaluation blocks, the same at any world size
-        (steptitan/evaluate.py); logged to the console and the trackers."""
-        val_loss = validation_loss(model, self.val_data, self.cfg.batch_size, self.cfg.eval_batches, self.env)
+        (steptitan/evaluate.py); logged to the console and the trackers. ``final``: the run's last
+        evaluation, over ``final_eval_batches`` (0 = the whole split), keeping every block's loss."""
+        batches = self.cfg.eval_batches
+        if final and self.cfg.final_eval_batches is not None:
+            batches = self.cfg.final_eval_batches
+        losses = block_losses(model, self.val_data, self.cfg.batch_size, batches, self.env)
+        val_loss = losses.mean().item()
+        if final:
+            self.final_block_losses = [round(x, 6) for x in losses.tolist()]
         self.metrics.scalars({"val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 50))}, self.global_step)
         log.info(f"[stage {plan.index}] step {step}: val loss {val_loss:.4f}, ppl {math.exp(min(val_loss, 50)):.2f}")
         return val_loss
@@ -331,7 +346,8 @@ class Trainer:
     # ------------------------------------------------------------------ stage end, checkpoints, logs
 
     def end_stage(self, plan: StagePlan, model: nn.Module, wall: float, tokens: int) -> None:
-        val_loss = self.evaluate(plan, model, plan.steps)
+        final = plan.index == len(self.plans) - 1
+        val_loss = self.evaluate(plan, model, plan.steps, final=final)
         if self.recipe.checkpoint.enabled:
             self.save_checkpoint(plan, model, plan.steps)
         if self.recipe.metrics.sample_prompts:
@@ -340,6 +356,8 @@ class Trainer:
         row = stage_row(plan, model, self.optimizer, self.env, self.cfg, losses=self.stage_losses, val_loss=val_loss,
                         wall=wall, tokens=tokens, step_time=self.step_time, step_time_tokens=self.step_time_tokens,
                         peak_step_memory=self.stage_peak_memory)  # a collective: gathers every rank's memory
+        if final:  # every block's loss at the end (the benchmark bootstraps over blocks)
+            row["val_block_losses"] = self.final_block_losses
         self.stage_summaries.append(row)
         for r in row["ranks"]:  # per-stage peaks (model states at the largest step, RSS, CUDA) in TensorBoard
             self.metrics.scalars(stage_memory_scalars(r), self.global_step)

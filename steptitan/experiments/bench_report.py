@@ -152,8 +152,17 @@ def throughput_section(tp: dict[str, Any], ratios: dict[str, float]) -> list[str
     return lines
 
 
+def selection_table(quality: dict[str, dict]) -> list[str]:
+    """Mean final loss per row on the selection slice (printed, never a report: no ratio, no verdict)."""
+    lines = ["| row (selection slice) | seeds | mean final loss |", "|---|---|---|"]
+    for name, runs in quality.items():
+        lines.append(f"| {name} | {len(runs)} | {statistics.fmean(s['final_val_loss'] for s in runs.values()):.4f} |")
+    return lines
+
+
 def write_report(args: argparse.Namespace, shape: Any, frac: float, facts: dict[str, Any], quality: dict[str, dict],
-                 memory: dict[str, dict], meta: dict[str, Any], from_ledger: list[str] | None = None) -> Path:
+                 memory: dict[str, dict], meta: dict[str, Any], from_ledger: list[str] | None = None,
+                 tuned: dict[str, Any] | None = None, memory_ac: dict[str, dict] | None = None) -> Path:
     out, plot_dir = Path(args.out), Path(args.plots)
     ratios: dict[str, Any] = {}
     run_wall = sum(s.get("wall_s") or 0 for runs in (*quality.values(), *memory.values()) for s in runs.values())
