@@ -58,6 +58,8 @@ RECIPES: dict[str, str] = {
     "step3_fira": "recipes/bench/step3_fira.toml",
     "step3_frozenemb": "recipes/bench/step3_frozenemb.toml",
     "step3_trainemb": "recipes/bench/step3_trainemb.toml",
+    "step3_runlr": "recipes/bench/step3_runlr.toml",  # one LR schedule over the run (issue 22, B)
+    "step4_runlr": "recipes/bench/step4_runlr.toml",
     "step_noadapter": "recipes/step_noadapter.toml",
     "step_lower": "recipes/step_lower.toml",
     "step_relora": "recipes/step_relora.toml",
@@ -525,7 +527,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ledger = Ledger(None if args.ledger == "none" else Path(args.ledger))
     t0 = time.perf_counter()
     failed = 0
-    if not args.report_only:
+    if not args.report_only or args.tune:
         log(f"shape: dim {shape.dim}, {shape.layers} layers, vocab {shape.vocab} (blocks {frac:.1%} of the parameters); "
             f"budget {facts['budget_flops']:.3e} FLOPs = vanilla's {facts['vanilla_steps']} steps x "
             f"{facts['tokens_per_step']:,} tokens; {args.slice} slice of {Path(args.val).name}")
@@ -536,7 +538,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rows, _ = plan_rows(args, shape)
                 result = tune(rows, list(range(args.tune_seeds)), lambda runs: _sweep("tune", args, runs), ledger,
                               collect, args.evals, args.lr_grid, progress=not args.no_progress,
-                              rerun_stale=args.rerun_stale)
+                              rerun_stale=args.rerun_stale, record_only=args.report_only)
+                if result is None:
+                    print(f"bench: tuning not complete; finished runs recorded in {args.ledger}")
+                    return 0
                 write_tuned(Path(args.tuned), result, {"tag": args.tag, "slices": slices_of(args).info,
                                                        "command": command.strip(), "lr_grid": list(args.lr_grid)})
                 for name, r in result.items():

@@ -9,6 +9,7 @@ keeps the commit it was recorded at and the time, which the report states.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -75,10 +76,17 @@ class Ledger:
         return entry["result"]
 
     def save(self) -> None:
+        """Write the ledger, merged with what other workers sharing the file recorded meanwhile (under a lock;
+        this process's entries win), through a private temporary file and one rename."""
         if self.path is None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"format": FORMAT, "runs": dict(sorted(self.runs.items()))}, indent=1,
-                                  default=float) + "\n")
-        os.replace(tmp, self.path)
+        with open(self.path.with_name(f".{self.path.name}.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if self.path.is_file():
+                on_disk = json.loads(self.path.read_text()).get("runs", {})
+                self.runs = {**on_disk, **self.runs}
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"format": FORMAT, "runs": dict(sorted(self.runs.items()))}, indent=1,
+                                      default=float) + "\n")
+            os.replace(tmp, self.path)

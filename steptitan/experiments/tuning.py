@@ -82,8 +82,12 @@ def at_edge(done: dict[tuple[float, str], float]) -> bool:
 
 def tune(rows: list[Any], seeds: list[int], make_sweep: Callable[[list[Run]], Sweep], ledger: Ledger,
          collect: Callable[[Sweep, Ledger], dict], evals: int, grid: tuple[float, ...] = LR_GRID,
-         progress: bool = True, rerun_stale: bool = False, poll_s: float = 30.0) -> dict[str, Any]:
-    """Run the protocol for every row; return ``{row: {"chosen", "overrides", "trials", ...}}``."""
+         progress: bool = True, rerun_stale: bool = False, poll_s: float = 30.0, record_only: bool = False
+         ) -> dict[str, Any] | None:
+    """Run the protocol for every row; return ``{row: {"chosen", "overrides", "trials", ...}}``.
+
+    ``record_only``: run nothing; record the finished runs in the ledger and return None if the protocol
+    is not complete (so a session can end mid-way and the next go on from the ledger)."""
     from steptitan.recipe import recipe_from_dict
     from steptitan.experiments.spec import resolved_recipe
 
@@ -110,15 +114,18 @@ def tune(rows: list[Any], seeds: list[int], make_sweep: Callable[[list[Run]], Sw
         all_runs += round_runs
         sweep = make_sweep(round_runs)
         while True:
-            result = runner.run_sweep(sweep, progress=progress, rerun_stale=rerun_stale)
-            if result["failed"]:
-                names = ", ".join(run.name for run, _ in result["failed"])
-                raise RuntimeError(f"tuning runs failed: {names}; see their logs under {sweep.output_dir}")
+            if not record_only:
+                result = runner.run_sweep(sweep, progress=progress, rerun_stale=rerun_stale)
+                if result["failed"]:
+                    names = ", ".join(run.name for run, _ in result["failed"])
+                    raise RuntimeError(f"tuning runs failed: {names}; see their logs under {sweep.output_dir}")
             finished = collect(sweep, ledger)
+            ledger.save()  # after every look: a session may end before the round does
             if sum(len(v) for v in finished.values()) == len(round_runs):
                 break
+            if record_only:
+                return None
             time.sleep(poll_s)  # runs held by another worker sharing the folder
-        ledger.save()
         for label, by_seed in finished.items():
             name, lr_part, warm_part = label.split(",")
             cfg = (float(lr_part.split("=")[1]), warm_part.split("=")[1])
