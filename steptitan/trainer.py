@@ -451,6 +451,7 @@ class Trainer:
     def write_summary(self) -> dict[str, Any]:
         summary = run_summary(self.recipe, self.env, self.stage_summaries, self.progress.elapsed(),
                               self.samples_seen * self.cfg.seq_len)
+        summary["train_text_tokens"] = len(self.train_data.tokens)  # passes over the text = tokens_seen / this
         self.metrics.summary({k: summary[k] for k in TRACKED})
         if self.env.is_main:
             path = write_summary_json(summary, self.run_dir)

@@ -117,3 +117,77 @@ def test_logged_lr_is_the_lr_the_step_used(tmp_path):
     assert sorted(logged) == list(range(1, total + 1))
     for s in range(1, total + 1):
         assert math.isclose(logged[s], expected(s), rel_tol=1e-9), (s, logged[s], expected(s))
+
+
+@torch.no_grad()
+def _final_block_losses(env, recipe_dict):
+    """The final evaluation (training.final_eval_batches) of fixed weights: every block's loss; on 1 rank
+    also each block's loss computed here one block at a time."""
+    from steptitan.distributed import local_part, local_tensor
+
+    trainer = _trainer(env, recipe_dict)
+    plan = trainer.plans[0]
+    model = trainer.build_stage_model(plan)
+    g = torch.Generator().manual_seed(11)
+    for _, p in sorted(model.named_parameters()):
+        full = torch.randn(p.shape, generator=g) * (0.5 if p.dim() > 1 else 0.1) + (1.0 if p.dim() == 1 else 0.0)
+        local_tensor(p).copy_(local_part(full, p))
+    val = trainer.evaluate(plan, model, 0, final=True)
+    reference = None
+    if env.world_size == 1:
+        reference = []
+        for i in range(trainer.val_data.n_blocks):
+            block = torch.from_numpy(trainer.val_data.block(i).astype("int64"))[None]
+            reference.append(F.cross_entropy(model(block[:, :-1])[0].float(), block[0, 1:]).item())
+    trainer.metrics.close()
+    return val, trainer.final_block_losses, reference
+
+
+@pytest.mark.dist
+def test_final_evaluation_keeps_every_blocks_loss_on_1_and_2_ranks(tmp_path):
+    """final_eval_batches = 0: the whole validation split, each block's loss kept (the benchmark bootstraps
+    over them), the same list on 1 and 2 ranks; the loss is their mean."""
+    d = _recipe_dict(str(tmp_path / "run"), eval_batches=1, final_eval_batches=0)
+    (one, blocks_one, reference), = run_distributed(_final_block_losses, 1, recipe_dict=d)
+    two = run_distributed(_final_block_losses, 2, recipe_dict=d)
+    assert len(blocks_one) == len(reference) > 4  # the whole split, not eval_batches x batch_size = 4 blocks
+    assert blocks_one == pytest.approx(reference, rel=1e-5, abs=1e-5)
+    assert one == pytest.approx(sum(reference) / len(reference), rel=1e-6)
+    assert two[0][1] == two[1][1] == blocks_one  # each block computed by one rank: the same values, bit for bit
+    assert two[0][0] == one
+
+
+def _used_lrs_in_order(env, recipe_dict):
+    trainer = _trainer(env, recipe_dict)
+    used = []
+    optimizer_step = trainer.optimizer_step
+
+    def record(plan, model, step):
+        used.append({g["lr"] for o in trainer.optimizer.optimizers for g in o.param_groups})
+        optimizer_step(plan, model, step)
+
+    trainer.optimizer_step = record
+    trainer.run()
+    return used
+
+
+def test_run_lr_schedule_is_one_warmup_and_decay_over_all_stages(tmp_path):
+    """training.lr_schedule = "run": stages 4 + 5 steps follow one schedule of 9 steps (warm-up 3 at the
+    start only); "stage" restarts it: the second stage warms up again over its own 5 steps."""
+    lr, warmup, floor = 1e-3, 3, 0.1
+
+    def expected(s: int, total: int) -> float:  # torchtitan 0.2.2's linear warm-up + linear decay, 1-based
+        if s <= warmup:
+            return lr * s / warmup
+        return lr * (floor + (1 - floor) * (1 - (s - warmup - 1) / (total - warmup)))
+
+    for scope in ("run", "stage"):
+        d = _recipe_dict(str(tmp_path / scope), lr=lr, warmup_steps=warmup, decay_type="linear", min_lr_factor=floor,
+                         eval_batches=1, lr_schedule=scope)
+        d["stages"] = [{"name": "s0", "steps": 4}, {"name": "s1", "steps": 5}]
+        used, = run_distributed(_used_lrs_in_order, 1, recipe_dict=d)
+        want = ([expected(s, 9) for s in range(1, 10)] if scope == "run"
+                else [expected(s, 4) for s in range(1, 5)] + [expected(s, 5) for s in range(1, 6)])
+        assert len(used) == 9
+        for got, w in zip(used, want):
+            assert len(got) == 1 and math.isclose(got.pop(), w, rel_tol=1e-9), (scope, used, want)

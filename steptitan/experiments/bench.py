@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -342,73 +341,6 @@ def collect(sweep: Sweep, ledger: Ledger) -> dict[str, dict[int | str, dict]]:
     return out
 
 
-# --------------------------------------------------------------------------- throughput
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def run_throughput(args: argparse.Namespace, shape: BenchShape) -> dict[str, Any]:
-    """Interleaved steptitan-vanilla / bare-FSDP2 runs of the shape's final model, then one alternating-step run."""
-    from steptitan.data import prepare_data
-    from steptitan.experiments.spec import recipe_toml
-    from steptitan.recipe import recipe_from_dict
-
-    folder = Path(args.runs).resolve() / "throughput"
-    folder.mkdir(parents=True, exist_ok=True)
-    van = recipe_file("vanilla")
-    over = {**common(args), **shape.overrides(), **layer_overrides(van, shape), "overwrite": True}
-    data_dict = resolved_recipe(Run("t", {}, over, recipe=van, base_dir=Path.cwd()))
-    recipe = recipe_from_dict(data_dict)
-    data = prepare_data(recipe.data, recipe.model.vocab_size)
-    t = recipe.training
-    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.world_size}"]
-    bare = ["-m", "steptitan.experiments.bare_fsdp", "--tokens", str(data.train_path), "--dtype", data.dtype,
-            "--dim", str(shape.dim), "--layers", str(shape.layers), "--heads", str(shape.heads), "--vocab", str(shape.vocab),
-            "--ffn", str(shape.ffn), "--batch", str(shape.batch), "--seq-len", str(shape.seq_len), "--lr", str(t.lr)]
-    out: dict[str, Any] = {"steptitan": [], "bare": [], "bare_runs": []}
-    for k in range(args.throughput_rounds):
-        for which in (["bare", "steptitan"] if k % 2 == 0 else ["steptitan", "bare"]):
-            if which == "bare":
-                res_path = folder / f"bare_{k}.json"
-                cmd = [*launcher, f"--master_port={_free_port()}", *bare, "--steps", str(args.throughput_steps),
-                       "--out", str(res_path)]
-                code, wall = runner.run_logged(cmd, folder / f"bare_{k}.log", folder)
-                res = json.loads(res_path.read_text()) if code == 0 else None
-                if res is None:
-                    raise BenchError(f"bare FSDP2 run failed; see {folder / f'bare_{k}.log'}")
-                res.update(wall_s=wall, command=" ".join(cmd))
-                out["bare"].append(res["tokens_per_s"])
-                out["bare_runs"].append(res)
-            else:
-                run_folder = folder / f"steptitan_{k}"
-                toml = folder / f"steptitan_{k}.toml"
-                toml.write_text(recipe_toml({**data_dict, "output_dir": str(run_folder), "stages": [
-                    {**data_dict["stages"][0], "steps": args.throughput_steps}]} | {"training": {
-                        **data_dict["training"], "eval_batches": 1, "steps_per_log": 1000}}))
-                cmd = [*launcher, f"--master_port={_free_port()}", "-m", "steptitan.train", str(toml)]
-                code, _ = runner.run_logged(cmd, folder / f"steptitan_{k}.log", folder)
-                if code != 0:
-                    raise BenchError(f"steptitan throughput run failed; see {folder / f'steptitan_{k}.log'}")
-                out["steptitan"].append(read_summary(run_folder)["stages"][0]["step_tokens_per_s"])
-            log(f"throughput round {k} {which}: {out[which][-1]:,.0f} tok/s")
-    if args.ab_steps:
-        toml = folder / "ab.toml"
-        toml.write_text(recipe_toml({**data_dict, "output_dir": str(folder / "ab_steptitan")}))
-        res_path = folder / "ab.json"
-        cmd = [*launcher, f"--master_port={_free_port()}", *bare, "--steps", str(args.ab_steps), "--out", str(res_path),
-               "--ab", str(toml)]
-        code, wall = runner.run_logged(cmd, folder / "ab.log", folder)
-        if code != 0:
-            raise BenchError(f"alternating-step run failed; see {folder / 'ab.log'}")
-        out["ab"] = {**json.loads(res_path.read_text()), "wall_s": wall, "command": " ".join(cmd)}
-        log(f"throughput A/B: steptitan {out['ab']['steptitan_tokens_per_s']:,.0f} vs bare {out['ab']['tokens_per_s']:,.0f} tok/s")
-    return out
-
-
 # --------------------------------------------------------------------------- command line
 
 
@@ -476,6 +408,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--docs", default=str(CHECKOUT / "docs" / "bench"),
                     help="the folder of the defaults above (reports, plots, ledgers, tuning files, results)")
     ap.add_argument("--report-only", action="store_true", help="rewrite the report from the finished runs; run nothing")
+    ap.add_argument("--summary", action="store_true",
+                    help="write BENCHMARKS.md from every report's results (docs/bench/results/*.json) and "
+                         "docs/bench/notes/summary.md; run nothing")
     ap.add_argument("--rerun-stale", action="store_true", help="re-run runs whose folder was made with another recipe")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
@@ -503,6 +438,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from steptitan.experiments.bench_report import selection_table, write_report
 
     args = parse_args(argv)
+    if args.summary:
+        from steptitan.experiments.bench_report import write_summary
+
+        notes = Path(args.docs) / "notes" / "summary.md"
+        path = write_summary(Path(args.docs) / "results", CHECKOUT / "BENCHMARKS.md",
+                             notes.read_text() if notes.is_file() else "")
+        print(f"wrote {path}")
+        return 0
     shape = BenchShape(args.dim, args.layers, args.heads, args.vocab, args.ffn, args.seq_len, args.batch)
     command = "steptitan bench " + " ".join(sys.argv[1:] if argv is None else argv)
     try:
@@ -555,6 +498,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     runner.print_report(sweep, result)
                     failed += len(result["failed"])
             if "throughput" in parts:
+                from steptitan.experiments.throughput import run_throughput
+
                 meta["throughput"] = run_throughput(args, shape)
         except (runner.Interrupted, KeyboardInterrupt) as exc:
             print(f"bench: stopped by {exc or 'SIGINT'}; run the same command again to continue", file=sys.stderr)
