@@ -191,3 +191,35 @@ def test_block_bootstrap_bound():
     assert up > point  # an upper bound lies above the estimate
     with pytest.raises(ValueError, match="same evaluation blocks"):
         stats.bootstrap_upper({0: [1.0], 1: [1.0]}, {0: [1.0, 2.0], 1: [1.0, 2.0]})
+
+
+def test_tune_rounds_follow_the_finished_results_and_stop_when_a_round_is_incomplete(tmp_path):
+    """tune(record_only=True) on finished runs handed in by `collect`: round 1 (the grid, 2 seeds) is
+    complete, so round 2 asks for the extension above the best (8e-3); it is not finished: None, and the
+    trials so far go to on_trials."""
+    from steptitan.experiments.ledger import Ledger
+
+    losses = {1e-3: 4.0, 2e-3: 3.8, 4e-3: 3.7, 8e-3: 3.6}
+    row = bench.Row("vanilla", bench.recipe_file("vanilla"), {}, [100])
+    asked: list[list[str]] = []
+
+    def collect(sweep, ledger):
+        asked.append([r.name for r in sweep.runs])
+        out = {}
+        for run in sweep.runs:
+            label, seed = run.name.rsplit(",seed=", 1)
+            lr = float(label.split(",")[1].split("=")[1])
+            if lr in losses:
+                out.setdefault(label, {})[int(seed)] = {"final_val_loss": losses[lr] + 0.01 * int(seed)}
+        return out
+
+    seen = []
+    got = tuning.tune([row], [0, 1], lambda runs: type("S", (), {"runs": runs})(), Ledger(None), collect, evals=2,
+                      record_only=True, on_trials=seen.append)
+    assert got is None
+    assert asked[0] == [f"vanilla,lr={lr:g},warmup=short,seed={s}" for lr in losses for s in (0, 1)]
+    assert asked[1] == ["vanilla,lr=0.016,warmup=short,seed=0", "vanilla,lr=0.016,warmup=short,seed=1"]
+    assert seen[-1]["vanilla"][(8e-3, "short")] == {0: 3.6, 1: 3.61}
+    table = tuning.trials_table(seen[-1])
+    assert table[2].startswith("| vanilla | 1e-3 | short | 0: 4.0000, 1: 4.0100 | 4.0050 |")
+    assert table[-1].endswith("| 3.6050 | best so far |")

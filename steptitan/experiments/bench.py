@@ -479,9 +479,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 from steptitan.experiments.tuning import tune, write_tuned
 
                 rows, _ = plan_rows(args, shape)
+                from steptitan.experiments.tuning import trials_table
+
+                def write_trials(done: dict) -> None:  # docs/bench/tuning/TAG.md: every trial so far
+                    path = Path(args.tuned).with_suffix(".md")
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_text(f"# Tuning trials: {args.tag} (selection slice)\n\nCommand: `{command.strip()}`\n\n"
+                                    "Selection-slice losses: the record of each choice (docs/benchmark.md, "
+                                    "'Protocol'), never a reported result.\n\n" + "\n".join(trials_table(done)) + "\n")
+
                 result = tune(rows, list(range(args.tune_seeds)), lambda runs: _sweep("tune", args, runs), ledger,
                               collect, args.evals, args.lr_grid, progress=not args.no_progress,
-                              rerun_stale=args.rerun_stale, record_only=args.report_only)
+                              rerun_stale=args.rerun_stale, record_only=args.report_only, on_trials=write_trials)
                 if result is None:
                     print(f"bench: tuning not complete; finished runs recorded in {args.ledger}")
                     return 0

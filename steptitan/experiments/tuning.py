@@ -82,12 +82,13 @@ def at_edge(done: dict[tuple[float, str], float]) -> bool:
 
 def tune(rows: list[Any], seeds: list[int], make_sweep: Callable[[list[Run]], Sweep], ledger: Ledger,
          collect: Callable[[Sweep, Ledger], dict], evals: int, grid: tuple[float, ...] = LR_GRID,
-         progress: bool = True, rerun_stale: bool = False, poll_s: float = 30.0, record_only: bool = False
-         ) -> dict[str, Any] | None:
+         progress: bool = True, rerun_stale: bool = False, poll_s: float = 30.0, record_only: bool = False,
+         on_trials: Callable[[dict], None] | None = None) -> dict[str, Any] | None:
     """Run the protocol for every row; return ``{row: {"chosen", "overrides", "trials", ...}}``.
 
     ``record_only``: run nothing; record the finished runs in the ledger and return None if the protocol
-    is not complete (so a session can end mid-way and the next go on from the ledger)."""
+    is not complete (so a session can end mid-way and the next go on from the ledger). ``on_trials``
+    gets ``{row: {(lr, warmup): {seed: loss}}}`` after every round (and at a record-only stop)."""
     from steptitan.recipe import recipe_from_dict
     from steptitan.experiments.spec import resolved_recipe
 
@@ -124,13 +125,14 @@ def tune(rows: list[Any], seeds: list[int], make_sweep: Callable[[list[Run]], Sw
             if sum(len(v) for v in finished.values()) == len(round_runs):
                 break
             if record_only:
+                _absorb(done, finished)
+                if on_trials:
+                    on_trials(done)
                 return None
             time.sleep(poll_s)  # runs held by another worker sharing the folder
-        for label, by_seed in finished.items():
-            name, lr_part, warm_part = label.split(",")
-            cfg = (float(lr_part.split("=")[1]), warm_part.split("=")[1])
-            for seed, summary in by_seed.items():
-                done[name].setdefault(cfg, {})[int(seed)] = summary["final_val_loss"]
+        _absorb(done, finished)
+        if on_trials:
+            on_trials(done)
     out = {}
     for row in rows:
         means = {c: statistics.fmean(v.values()) for c, v in done[row.name].items()}
@@ -143,6 +145,29 @@ def tune(rows: list[Any], seeds: list[int], make_sweep: Callable[[list[Run]], Sw
                         "mean": statistics.fmean(v.values())} for c, v in sorted(done[row.name].items())],
         }
     return out
+
+
+def _absorb(done: dict[str, dict], finished: dict[str, dict]) -> None:
+    """Add finished tuning runs ({"row,lr=..,warmup=..": {seed: summary}}) to ``done``."""
+    for label, by_seed in finished.items():
+        name, lr_part, warm_part = label.split(",")
+        cfg = (float(lr_part.split("=")[1]), warm_part.split("=")[1])
+        for seed, summary in by_seed.items():
+            done[name].setdefault(cfg, {})[int(seed)] = summary["final_val_loss"]
+
+
+def trials_table(done: dict[str, dict[tuple[float, str], dict[int, float]]]) -> list[str]:
+    """Markdown: every finished trial (row, LR, warmup, selection seeds, mean selection loss), the best per
+    row marked. Selection-slice losses: a record of the choices, never a reported result."""
+    lines = ["| row | LR | warmup | selection losses by seed | mean | |", "|---|---|---|---|---|---|"]
+    for name, trials in done.items():
+        complete = {c: v for c, v in trials.items() if v}
+        best = min(complete, key=lambda c: (statistics.fmean(complete[c].values()), c[0])) if complete else None
+        for (lr, warmup), losses in sorted(complete.items()):
+            by_seed = ", ".join(f"{s}: {x:.4f}" for s, x in sorted(losses.items()))
+            mark = "best so far" if (lr, warmup) == best else ""
+            lines.append(f"| {name} | {lr_label(lr)} | {warmup} | {by_seed} | {statistics.fmean(losses.values()):.4f} | {mark} |")
+    return lines
 
 
 def read_tuned(path: Path) -> dict[str, Any]:
