@@ -223,3 +223,22 @@ def test_tune_rounds_follow_the_finished_results_and_stop_when_a_round_is_incomp
     table = tuning.trials_table(seen[-1])
     assert table[2].startswith("| vanilla | 1e-3 | short | 0: 4.0000, 1: 4.0100 | 4.0050 |")
     assert table[-1].endswith("| 3.6050 | best so far |")
+
+
+def test_scale_table_vanilla_adamw_is_16_bytes_a_parameter_plus_step_counters():
+    """The 1B table's reference row by hand: fp32 weight + gradient + two Adam moments (16 B) per parameter
+    and one 4-byte step counter per tensor (9 per block, 3 outside); activation checkpointing changes the
+    activations, never the model states; STEP's rows sit below vanilla with the same optimizer."""
+    from steptitan.experiments.scale_table import SHAPE_1B, scale_rows
+    from steptitan.model import ModelShape
+
+    shape = ModelShape(**{**SHAPE_1B, "n_layers": 4})  # 4 layers keep the split search small
+    d, f, v = 2048, 5461, 32000
+    params = 4 * (4 * d * d + 3 * d * f + 2 * d) + 2 * v * d + d
+    rows = scale_rows(shape, lora_rank=8)
+    van = [r for r in rows if r["row"] == "vanilla AdamW"]
+    assert [r["result"].peak_model_states for r in van] == [16 * params + 4 * (9 * 4 + 3)] * 2
+    assert van[1]["result"].peak_total < van[0]["result"].peak_total  # checkpointing: fewer saved activations
+    for r in rows:
+        if r["row"].startswith("STEP"):
+            assert r["result"].peak_model_states < r["same"].peak_model_states < r["ref"].peak_model_states

@@ -408,6 +408,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--docs", default=str(CHECKOUT / "docs" / "bench"),
                     help="the folder of the defaults above (reports, plots, ledgers, tuning files, results)")
     ap.add_argument("--report-only", action="store_true", help="rewrite the report from the finished runs; run nothing")
+    ap.add_argument("--scale-table", action="store_true",
+                    help="write docs/bench/scale-1b.md: the planner's peak for a 1B shape (predicted); run nothing")
     ap.add_argument("--summary", action="store_true",
                     help="write BENCHMARKS.md from every report's results (docs/bench/results/*.json) and "
                          "docs/bench/notes/summary.md; run nothing")
@@ -438,6 +440,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     from steptitan.experiments.bench_report import selection_table, write_report
 
     args = parse_args(argv)
+    if args.scale_table:
+        from steptitan.experiments.scale_table import scale_table
+
+        path = Path(args.docs) / "scale-1b.md"
+        path.write_text("# Peak memory at 1B parameters (planner prediction)\n\nCommand: `steptitan bench --scale-table`"
+                        " (steptitan/experiments/scale_table.py says what is predicted and how it is tested).\n\n"
+                        + "\n".join(scale_table()) + "\n")
+        print(f"wrote {path}")
+        return 0
     if args.summary:
         from steptitan.experiments.bench_report import write_summary
 
