@@ -1,22 +1,24 @@
-"""``steptitan bench`` (= ``python tools/bench.py``): STEP and its alternatives at equal training FLOPs, over seeds.
+"""``steptitan bench`` (= ``python tools/bench.py``): STEP and its alternatives at equal training FLOPs, over seeds,
+every row tuned the same way on a selection slice and reported on an untouched report slice.
 
-    steptitan bench                                          # every recipe, 3 seeds, writes BENCHMARKS.md
-    steptitan bench --recipes vanilla,step3 --seeds 2 --budget-tokens 20000 --out /tmp/B.md --plots /tmp/plots
-    steptitan bench --train my/train.txt --val my/val.txt    # another corpus (default WikiText-2)
-    steptitan bench --report-only                            # rewrite BENCHMARKS.md from the finished runs
+    steptitan bench --tune --recipes vanilla,step3,step4,dense:7     # tune on the selection slice (2 seeds a config)
+    steptitan bench --recipes vanilla,step3,step4,dense:7 --seeds 6   # report: seeds 100.., report slice in full
+    steptitan bench --train my/train.txt --val my/val.txt ...         # another corpus (default WikiText-2)
+    steptitan bench --report-only                                    # the report again from finished runs / the ledger
+    steptitan bench --summary                                        # BENCHMARKS.md from every report's results
 
 One shape (``--dim --layers --heads --vocab --ffn --seq-len --batch``) serves memory and quality;
 every recipe is put on it (its layer schedule scaled to end at ``--layers``). Three parts:
 
-1. quality: every (recipe, seed) trains on ``--train`` and is evaluated on the same blocks of
-   ``--val``, at vanilla's training FLOPs for ``--budget-tokens`` tokens (each recipe's stage steps
-   scaled, keeping its proportions), with evaluations every ~10% of the steps;
-2. memory: one short run per recipe under the STEP paper's mixed-precision policy: measured vs
-   predicted peak per-rank model-state bytes;
+1. quality: every (row, seed) trains on ``--train`` with the row's tuned hyperparameters and is
+   evaluated on the report slice of ``--val`` (the whole slice at the end), at vanilla's training
+   FLOPs for ``--budget-tokens`` tokens (each row's stage steps scaled, keeping its proportions);
+2. memory: one short run per row under the STEP paper's mixed-precision policy, without and with
+   activation checkpointing: measured vs predicted model states, predicted total peak;
 3. throughput: steptitan's vanilla and a bare FSDP2 loop on the final model, interleaved.
 
-Every run is a folder under ``--runs`` and is launched by the sweep runner, so a re-run skips
-finished runs and a long benchmark can be run in pieces. docs/benchmark.md says why.
+Every run is a folder under ``--runs`` launched by the sweep runner (a re-run skips finished runs)
+and recorded in a ledger that outlives the folders. docs/benchmark.md ("Protocol") says why.
 """
 
 from __future__ import annotations
