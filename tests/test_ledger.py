@@ -34,3 +34,19 @@ def test_ledger_round_trip_and_refusal_of_another_recipe(tmp_path):
     assert Ledger(path).lookup(moved, moved.runs[0]) == result
     data = json.loads(path.read_text())
     assert data["format"] == 1 and list(data["runs"]) == [f"{sw.name}/{sw.runs[0].name}"]
+
+
+def test_workers_sharing_a_ledger_keep_each_others_entries(tmp_path):
+    """Two bench workers load the ledger, each records a different run and saves: the file has both (a save
+    merges with what is on disk under a lock; before, the second save dropped the first's entry)."""
+    path = tmp_path / "ledger.json"
+    sw = _sweep(tmp_path, 0.5)
+    a, b = Ledger(path), Ledger(path)
+    a.record(sw, sw.runs[0], {"final_val_loss": 3.0})
+    b.record(sw, sw.runs[1], {"final_val_loss": 3.1})
+    a.save()
+    b.save()
+    both = Ledger(path)
+    assert both.lookup(sw, sw.runs[0]) == {"final_val_loss": 3.0}
+    assert both.lookup(sw, sw.runs[1]) == {"final_val_loss": 3.1}
+    assert not list(tmp_path.glob("*.tmp"))  # no temporary file left behind
