@@ -170,11 +170,15 @@ def test_targets_use_the_bound_and_never_a_verdict_for_an_untuned_baseline():
 
     q = {"step3": row([1.0, 1.001, 0.999, 1.0, 1.002, 0.998]), "step4": row([1.004, 1.008, 1.006])}
     mem = {"step3": {"vs_vanilla": 0.368}, "step4": {"vs_vanilla": 0.35}}
-    got = {(r["row"], r["measure"].split()[0]): r["met"] for r in target_rows("c-1M", q, mem, tuned_ok=True)}
+    got = {(r["row"], r["measure"].split()[0]): r["met"] for r in target_rows("c-1M", q, mem, set())}
     assert got == {("step3", "peak"): "yes", ("step3", "final"): "yes", ("step4", "peak"): "no",
                    ("step4", "final"): "unresolved"}
-    open_ = {(r["row"], r["measure"].split()[0]): r["met"] for r in target_rows("c-1M", q, mem, tuned_ok=False)}
+    open_ = {(r["row"], r["measure"].split()[0]): r["met"] for r in target_rows("c-1M", q, mem, {"vanilla"})}
     assert open_[("step3", "final")] == "open: a row is untuned"
+    step_untuned = {(r["row"], r["measure"].split()[0]): r["met"] for r in target_rows("c-1M", q, mem, {"step4"})}
+    assert step_untuned[("step3", "final")] == "yes" and step_untuned[("step4", "final")] == "open: a row is untuned"
+    none = {(r["row"], r["measure"].split()[0]): r["met"] for r in target_rows("c-1M", {}, mem, set())}
+    assert none[("step3", "final")] == "open: no report runs yet"
 
 
 def test_bare_fsdp_per_round_ratios_by_hand():
