@@ -242,3 +242,15 @@ def test_scale_table_vanilla_adamw_is_16_bytes_a_parameter_plus_step_counters():
     for r in rows:
         if r["row"].startswith("STEP"):
             assert r["result"].peak_model_states < r["same"].peak_model_states < r["ref"].peak_model_states
+
+
+def test_report_commands_name_no_folder_of_the_machine(tmp_path):
+    from pathlib import Path
+
+    from steptitan.experiments.bench_report import portable
+
+    checkout = Path(bench.__file__).resolve().parents[2]
+    args = type("A", (), {"runs": str(tmp_path / "runs")})()
+    cmd = (f"steptitan bench --runs {tmp_path / 'runs'} --train {checkout.parent / 'shared' / 'data' / 'kjv' / 'train.txt'} "
+           f"--docs {checkout / 'docs' / 'bench'}")
+    assert portable(cmd, args) == "steptitan bench --runs RUNS --train ../shared/data/kjv/train.txt --docs ./docs/bench"

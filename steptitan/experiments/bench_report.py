@@ -35,6 +35,16 @@ def selection_table(quality: dict[str, dict]) -> list[str]:
     return lines
 
 
+def portable(command: str, args: argparse.Namespace) -> str:
+    """A command line without this machine's folders: the run folder as RUNS, the checkout as '.', the
+    shared data beside it as ../shared (docs name no absolute path of the machine they were made on)."""
+    checkout = Path(__file__).resolve().parents[2]
+    for folder, name in ((Path(args.runs).resolve(), "RUNS"), (checkout.parent / "shared", "../shared"),
+                         (checkout, ".")):
+        command = command.replace(str(folder), name)
+    return command
+
+
 def mib(n: float) -> str:
     return f"{n / 2**20:.2f} MiB"
 
@@ -256,8 +266,9 @@ def write_report(args: argparse.Namespace, shape: Any, frac: float, facts: dict[
     q = quality_rows(quality, tuned, facts)
     sl = meta.get("slices", {})
     run_wall = sum(s.get("wall_s") or 0 for runs in (*quality.values(), *memory.values()) for s in runs.values())
-    command = (f"`{meta['report_command']}` (report only; the last command that ran runs in that folder: "
-               f"`{meta.get('command', '?')}`)" if meta.get("report_command") else f"`{meta.get('command', 'steptitan bench')}`")
+    command = (f"`{portable(meta['report_command'], args)}` (report only; the last command that ran runs in that "
+               f"folder: `{portable(meta.get('command', '?'), args)}`)" if meta.get("report_command")
+               else f"`{portable(meta.get('command', 'steptitan bench'), args)}`")
     lines = [f"# Benchmark: {args.tag}", "",
              "Produced by `steptitan bench` (how and why: [docs/benchmark.md](../benchmark.md), section \"Protocol\").", "",
              f"Command: {command}  ",
@@ -268,7 +279,7 @@ def write_report(args: argparse.Namespace, shape: Any, frac: float, facts: dict[
              f"every {sl.get('select_every', '?')}rd document to selection): selection slice {sl.get('selection_documents', '?')} "
              f"documents / {sl.get('selection_chars', 0):,} characters (every choice), report slice "
              f"{sl.get('report_documents', '?')} documents / {sl.get('report_chars', 0):,} characters (these figures). "
-             f"Report seeds {args.seeds} from 100 on; selection seeds 0..; frozen weights stored in bf16 in every run "
+             f"{args.seeds} report seeds (100..{99 + args.seeds}); selection seeds from 0; frozen weights stored in bf16 in every run "
              "(the memory column's policy), fp32 compute on the CPU.", ""]
     if from_ledger:
         lines += [f"{len(from_ledger)} of the runs were read from the results ledger (`{_rel(Path(args.ledger), out)}`), "
@@ -309,7 +320,7 @@ def write_report(args: argparse.Namespace, shape: Any, frac: float, facts: dict[
     results = Path(args.results)
     results.parent.mkdir(parents=True, exist_ok=True)
     results.write_text(json.dumps({"tag": args.tag, "report": _rel(out, results.parent.parent / "x"),
-                                   "targets": targets, "command": meta.get("report_command") or meta.get("command"),
+                                   "targets": targets, "command": portable(meta.get("report_command") or meta.get("command") or "", args),
                                    "rows": {n: {"mean": r["mean"], "seeds": len(r["finals"]),
                                                 "ratio": r["ni"].mean if r["ni"] else None,
                                                 "upper": r["ni"].upper if r["ni"] else None,
