@@ -116,7 +116,7 @@ def test_tuning_extends_the_grid_at_its_edge_then_tries_the_long_warmup():
     assert tuning.next_configs(done, grid) == [(8e-3, "long")]
     done[(8e-3, "long")] = 3.45
     assert tuning.next_configs(done, grid) == []
-    assert tuning.choose(done) == (8e-3, "long") and not tuning.at_edge(done)
+    assert tuning.choose(done) == (8e-3, "long", "") and not tuning.at_edge(done)
     # best at the bottom edge: extend downwards; the extension stops after MAX_EXTEND steps
     low = {(x, "short"): 3.0 + x for x in grid}
     assert tuning.next_configs(low, grid) == [(0.5e-3, "short")]
@@ -219,9 +219,9 @@ def test_tune_rounds_follow_the_finished_results_and_stop_when_a_round_is_incomp
     assert got is None
     assert asked[0] == [f"vanilla,lr={lr:g},warmup=short,seed={s}" for lr in losses for s in (0, 1)]
     assert asked[1] == ["vanilla,lr=0.016,warmup=short,seed=0", "vanilla,lr=0.016,warmup=short,seed=1"]
-    assert seen[-1]["vanilla"][(8e-3, "short")] == {0: 3.6, 1: 3.61}
+    assert seen[-1]["vanilla"][(8e-3, "short", "")] == {0: 3.6, 1: 3.61}
     table = tuning.trials_table(seen[-1])
-    assert table[2].startswith("| vanilla | 1e-3 | short | 0: 4.0000, 1: 4.0100 | 4.0050 |")
+    assert table[2].startswith("| vanilla | 1e-3 | short | - | 0: 4.0000, 1: 4.0100 | 4.0050 |")
     assert table[-1].endswith("| 3.6050 | best so far |")
 
 
@@ -254,3 +254,36 @@ def test_report_commands_name_no_folder_of_the_machine(tmp_path):
     cmd = (f"steptitan bench --runs {tmp_path / 'runs'} --train {checkout.parent / 'shared' / 'data' / 'kjv' / 'train.txt'} "
            f"--docs {checkout / 'docs' / 'bench'}")
     assert portable(cmd, args) == "steptitan bench --runs RUNS --train ../shared/data/kjv/train.txt --docs ./docs/bench"
+
+
+def test_tune_variants_run_at_the_best_lr_and_warmup_and_can_win(tmp_path):
+    """Phase 3: each named variant of a row runs at the row's best (LR, warmup) once phases 1-2 are done,
+    with its overrides on top; the chosen configuration may be a variant; other rows get none."""
+    from steptitan.experiments.ledger import Ledger
+
+    base = {1e-3: 4.0, 2e-3: 3.8, 4e-3: 3.7, 8e-3: 3.75}
+    row = bench.Row("vanilla", bench.recipe_file("vanilla"), {}, [100])
+    runs_seen = []
+
+    def collect(sweep, ledger):
+        out = {}
+        for run in sweep.runs:
+            runs_seen.append(run)
+            label, seed = run.name.rsplit(",seed=", 1)
+            parts = label.split(",")
+            lr, warm = float(parts[1].split("=")[1]), parts[2].split("=")[1]
+            loss = base[lr] + (0.05 if warm == "long" else 0.0) - (0.1 if len(parts) > 3 and "beta2" in parts[3] else 0)
+            out.setdefault(label, {})[int(seed)] = {"final_val_loss": loss}
+        return out
+
+    variants = {"vanilla": {"beta2_099": {"training.beta2": 0.99}, "floor0": {"training.min_lr_factor": 0.0}}}
+    got = tuning.tune([row], [0], lambda runs: type("S", (), {"runs": runs})(), Ledger(None), collect, evals=2,
+                      record_only=True, variants=variants)
+    assert got["vanilla"]["chosen"] == {"lr": 4e-3, "warmup": "short", "variant": "beta2_099"}
+    assert got["vanilla"]["overrides"]["training.beta2"] == 0.99 and got["vanilla"]["overrides"]["training.lr"] == 4e-3
+    assert got["vanilla"]["n_configs"] == 4 + 1 + 2  # grid, long warmup, two variants
+    floor = next(r for r in runs_seen if "variant=floor0" in r.name)
+    assert floor.overrides["training.min_lr_factor"] == 0.0 and floor.overrides["training.lr"] == 4e-3
+    (tmp_path / "v.toml").write_text('[vanilla]\n"a,b" = { "training.beta2" = 0.99 }\n')
+    with pytest.raises(ValueError, match="may not contain"):
+        tuning.read_variants(str(tmp_path / "v.toml"))

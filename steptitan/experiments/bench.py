@@ -37,7 +37,7 @@ from steptitan.experiments.ledger import Ledger
 from steptitan.experiments.report import read_summary, val_curve
 from steptitan.experiments.spec import Run, Sweep, SweepError, resolved_recipe
 from steptitan.experiments.splits import Slices, write_slices
-from steptitan.experiments.tuning import LR_GRID, read_tuned
+from steptitan.experiments.tuning import LR_GRID, read_tuned, read_variants
 
 CHECKOUT = Path(__file__).resolve().parents[2]
 WIKITEXT = CHECKOUT.parent / "shared" / "data" / "wikitext-2"
@@ -370,6 +370,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                     help="run the tuning protocol for --recipes on the selection slice and write --tuned")
     ap.add_argument("--tune-seeds", type=int, default=2, help="selection seeds per tuning configuration (0..N-1)")
     ap.add_argument("--lr-grid", default=",".join(f"{x:g}" for x in LR_GRID), help="the starting LR grid of --tune")
+    ap.add_argument("--tune-variants", default=None,
+                    help="TOML of extra configurations tried at each row's best LR and warmup: [ROW] NAME = "
+                         "{ 'dotted.key' = value, ... } (docs/benchmark.md, 'Protocol' 3)")
     ap.add_argument("--tuned", default=None,
                     help="the tuning file: written by --tune, read by report runs (default docs/bench/tuning/TAG.json)")
     ap.add_argument("--corpus-name", default=None,
@@ -503,7 +506,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
                 result = tune(rows, list(range(args.tune_seeds)), lambda runs: _sweep("tune", args, runs), ledger,
                               collect, args.evals, args.lr_grid, progress=not args.no_progress,
-                              rerun_stale=args.rerun_stale, record_only=args.report_only, on_trials=write_trials)
+                              rerun_stale=args.rerun_stale, record_only=args.report_only, on_trials=write_trials,
+                              variants=read_variants(args.tune_variants))
                 if result is None:
                     print(f"bench: tuning not complete; finished runs recorded in {args.ledger}")
                     return 0

@@ -163,7 +163,9 @@ def _tuning_cell(t: dict[str, Any] | None) -> str:
     if not t:
         return "untuned (recipe defaults)"
     edge = ", at grid edge" if t.get("at_edge") else ""
-    return f"LR {t['chosen']['lr']:g}, warmup {t['chosen']['warmup']} ({t['n_configs']} configs x {len(t['seeds'])} seeds{edge})"
+    variant = f", {t['chosen']['variant']}" if t["chosen"].get("variant") else ""
+    return (f"LR {t['chosen']['lr']:g}, warmup {t['chosen']['warmup']}{variant} ({t['n_configs']} configs x "
+            f"{len(t['seeds'])} seeds{edge})")
 
 
 def quality_section(q: dict[str, dict[str, Any]], mem: dict[str, dict[str, Any]], facts: dict[str, Any],
