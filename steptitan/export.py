@@ -102,6 +102,17 @@ def load_stage_model(recipe: Recipe, info: CheckpointInfo) -> tuple[StagePlan, t
 
 
 @torch.no_grad()
+def load_merged_model(recipe: Recipe, info: CheckpointInfo) -> tuple[StagePlan, torch.nn.Module]:
+    """The checkpoint's stage model with every PEFT method merged by its own ``merge``: the function
+    ``export`` writes, and what ``generate`` samples. Merging, not the adapted forward, is what makes
+    a method's loaded state take effect without ``init_weights`` (APEX's unit selection: issue 23)."""
+    plan, model = load_stage_model(recipe, info)
+    for method in plan.peft:
+        method.merge(model)
+    return plan, model
+
+
+@torch.no_grad()
 def merged_dense_state(plan: StagePlan, model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Fold every PEFT method into the dense weights (the plugin's exact merge) and keep only those."""
     for method in plan.peft:
