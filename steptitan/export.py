@@ -52,9 +52,20 @@ def find_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
     if (path / "meta.json").is_file():
         return read_checkpoint(path)
     found = list_checkpoints(path / "checkpoints") or list_checkpoints(path)
+    if not found and _checkpoints_off(path):
+        raise ExportError(f"{path} was trained with checkpoint.enabled = false, so it has no checkpoint to read "
+                          "(GaLore and Fira runs must train so: their optimizer state cannot be saved, docs/optimizers.md)")
     if not found:
         raise ExportError(f"{path}: neither a steptitan checkpoint (no meta.json) nor a run folder with complete checkpoints")
     return found[-1]
+
+
+def _checkpoints_off(run_dir: Path) -> bool:
+    """True when ``run_dir``'s resolved recipe (recipe.json) turned checkpoints off."""
+    try:
+        return json.loads((run_dir / "recipe.json").read_text())["checkpoint"]["enabled"] is False
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def recipe_for(info: CheckpointInfo, recipe_path: str | None = None, overrides: list[str] | None = None) -> Recipe:
@@ -98,6 +109,17 @@ def load_stage_model(recipe: Recipe, info: CheckpointInfo) -> tuple[StagePlan, t
     extra = torch.load(info.path / "extra-rank0.pt", weights_only=False)
     for i, method in enumerate(plan.peft):
         method.load_state_dict(extra.get("peft", {}).get(str(i), {}))
+    return plan, model
+
+
+@torch.no_grad()
+def load_merged_model(recipe: Recipe, info: CheckpointInfo) -> tuple[StagePlan, torch.nn.Module]:
+    """The checkpoint's stage model with every PEFT method merged by its own ``merge``: the function
+    ``export`` writes, and what ``generate`` samples. Merging, not the adapted forward, is what makes
+    a method's loaded state take effect without ``init_weights`` (APEX's unit selection: issue 23)."""
+    plan, model = load_stage_model(recipe, info)
+    for method in plan.peft:
+        method.merge(model)
     return plan, model
 
 

@@ -4,8 +4,8 @@
     steptitan generate runs/step/checkpoints/stage00-step000060 --prompt a --prompt b --temperature 0 (greedy)
 
 No export first: the DCP checkpoint is read into one unsharded model on the CPU, in one process
-(the loader ``steptitan export`` uses; any stage, any rank count), adapters left in place (their
-forward is the merged model's). The tokenizer is the one the run trained with. A prompt is
+(the loader ``steptitan export`` uses; any stage, any rank count), each PEFT method merged into the
+dense weights by its own ``merge``, as ``export`` does: what is sampled is the exported model. The tokenizer is the one the run trained with. A prompt is
 conditioned as the start of a document: it follows an end-of-text token, as every document but
 the first does in training (data.py packs documents separated by it). Without a KV cache each
 new token re-runs the whole context, cut to the model's last ``seq_len`` tokens.
@@ -90,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("key=value overrides need --recipe")
 
     from steptitan.data import EOS_TOKEN, DataError, load_tokenizer
-    from steptitan.export import ExportError, find_checkpoint, find_tokenizer, load_stage_model, recipe_for
+    from steptitan.export import ExportError, find_checkpoint, find_tokenizer, load_merged_model, recipe_for
     from steptitan.recipe import RecipeError
 
     try:
@@ -100,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if tok_path is None:
             raise ExportError("the run's tokenizer.json is gone (data.tokenizer, or the trained BPE in data.cache_dir)")
         tokenizer = load_tokenizer(tok_path)
-        plan, model = load_stage_model(recipe, info)
+        plan, model = load_merged_model(recipe, info)
     except (ExportError, RecipeError, DataError, FileNotFoundError) as exc:
         print(f"steptitan generate: error: {exc}", file=sys.stderr)
         return 2

@@ -16,10 +16,11 @@ a weight scales its gradient the other way (docs/growth.md, "Optimizer state").
 
 Depth growth never gathers: FSDP2 shards every parameter on dim 0 over the
 same mesh, so a block of the grown model has the same local shard layout as
-its source block and copying ``to_local()`` tensors is exact. The trainer
-returns both models to their sharded state before calling any hook that reads
-or writes weights (``grow``, ``carry_optimizer_state``, ``merge``), so
-operators never call ``reshard`` themselves.
+its source block and copying ``to_local()`` tensors is exact. FSDP2 leaves the
+root module unsharded after a forward, so ``grow`` and ``carry_optimizer_state``
+first return both models to their sharded state (a no-op when they are; no
+collective), and the trainer does the same before ``merge``: operators, which
+override ``grow_tensors``, never call ``reshard`` themselves.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from typing import Any, ClassVar, Literal, Mapping
 import torch
 from torch import nn
 
-from steptitan.distributed import local_tensor
+from steptitan.distributed import local_tensor, reshard
 from steptitan.metrics import log
 from steptitan.model import ModelShape, base_param_names
 from steptitan.optim import AdamWSliceSteps
@@ -94,8 +95,12 @@ class GrowthOperator:
 
     @torch.no_grad()
     def grow(self, src: nn.Module, dst: nn.Module, src_shape: ModelShape) -> None:
-        """Fill ``dst``'s dense weights from ``src`` (both built and sharded -- the trainer reshards them
-        first -- PEFT params untouched)."""
+        """Fill ``dst``'s dense weights from ``src`` (both built and sharded; PEFT params untouched).
+
+        Both are resharded first: after a forward FSDP2 keeps the root's parameters (embeddings, final
+        norm, head) unsharded, and a shard-local copy would then meet whole tensors (issue 23, item 13)."""
+        reshard(src)
+        reshard(dst)
         self.grow_tensors(dense_params(src, src_shape), dense_params(dst, src_shape), src_shape, "weight")
 
     def grow_tensors(self, src: Mapping[str, torch.Tensor], dst: Mapping[str, torch.Tensor],
@@ -121,6 +126,8 @@ class GrowthOperator:
         """
         if getattr(self.options, "optimizer_state", "fresh") != "copy" or src_optimizer is None:
             return 0
+        reshard(src)  # as in ``grow``: the weights' local shards key the moments
+        reshard(dst)
         return carry_adam_state(self, src, src_optimizer, dst, dst_optimizer, src_shape)
 
     # ------------------------------------------------------------------ training-time hooks

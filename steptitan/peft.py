@@ -12,6 +12,12 @@ PEFT plugin must / may"). The trainer calls, in this order:
 6. ``merge(model)`` at the end of the stage (before growth and export);
 7. ``state_dict()`` / ``load_state_dict()`` for counters and pools on resume.
 
+``steptitan export`` and ``generate`` use a shorter sequence on one unsharded CPU model: ``apply``,
+the checkpoint's weights, ``load_state_dict`` (rank 0's state, whatever the saved shard degree) and
+``merge``; never ``init_weights``. So ``load_state_dict`` must accept a method that did not
+initialise (skip what only further training needs, e.g. SwitchLoRA's pools), and ``merge`` must
+make the loaded state take effect (e.g. APEX's unit selection).
+
 The trainer owns FSDP2 resharding: before every hook that reads or writes
 weights (``init_weights``, the optimizer-step hooks, ``merge``, checkpoint
 saves) it returns the model to its sharded state, so a hook always sees each

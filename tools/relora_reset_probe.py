@@ -47,6 +47,9 @@ def a_norm(model) -> float:
 
 
 def main(argv: list[str]) -> None:
+    if not argv or argv[0] in ("-h", "--help"):  # the recipe's own options are steptitan train's
+        print(f"usage: tools/relora_reset_probe.py RECIPE.toml [--old-pruning] [key=value ...]\n\n{__doc__}")
+        raise SystemExit(0 if argv else 2)
     old = "--old-pruning" in argv
     args = [a for a in argv if a != "--old-pruning"]
     if old:

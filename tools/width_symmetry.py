@@ -9,6 +9,7 @@ AdamW steps (lr 3e-3) on random tokens and prints, over all (old channel, copy) 
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -17,7 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_growth_lemon import copy_divergence, make  # noqa: E402  (the measured helper is the tested one)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    argparse.ArgumentParser(prog="tools/width_symmetry.py", description=__doc__.split("\n\n")[0]).parse_args(argv)
     print(f"{'steps':>5}  {'FPI 1-cos max':>13}  {'FPI dist max':>12}  {'LEMON 1-cos mean':>16}  {'max':>9}  "
           f"{'LEMON dist min':>14}  {'mean':>9}")
     for steps in (1, 2, 10, 50, 200):

@@ -33,7 +33,8 @@ per-rank shards (A candidates split along ``in``, B candidates along ``out``)
 over the shard group; under HSDP every replica of a shard holds the same pool
 (the same seeded choices on the same weights). A checkpoint stores each rank's
 shards; a resume with another shard degree concatenates the saved shards and
-re-shards them (``load_state_dict``).
+re-shards them (``load_state_dict``). ``steptitan export`` / ``generate`` load no pools: they read
+and merge the model, which is W + s B A alone.
 """
 
 from __future__ import annotations
@@ -291,6 +292,14 @@ class SwitchLoRA(LoRA):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not state:
             return
+        self.frozen_A = {n: t.clone() for n, t in state["frozen_A"].items()}
+        self.frozen_B = {n: t.clone() for n, t in state["frozen_B"].items()}
+        self.switches = int(state.get("switches", 0))
+        if not self.pools:
+            # No init_weights ran: a model loaded to be read and merged (steptitan export / generate), whose
+            # function is W + s B A alone. The pools only serve further switching, so they are not loaded
+            # (nor re-sharded: any saved shard degree will do). Issue 23, defect 1.
+            return
         saved_degree = int(state.get("shard_degree", state["world_size"]))  # flat FSDP2 before HSDP
         if saved_degree == self.shard_degree:
             pools = state["pools"]
@@ -303,6 +312,3 @@ class SwitchLoRA(LoRA):
         for name, held in pools.items():
             for key, saved in held.items():
                 self.pools[name][key].copy_(saved)
-        self.frozen_A = {n: t.clone() for n, t in state["frozen_A"].items()}
-        self.frozen_B = {n: t.clone() for n, t in state["frozen_B"].items()}
-        self.switches = int(state.get("switches", 0))
