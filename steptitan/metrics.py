@@ -10,6 +10,7 @@ from typing import Any, Iterable
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from steptitan.distributed import local_tensor
 
@@ -18,6 +19,9 @@ log = logging.getLogger("steptitan")
 
 def _nbytes(t: torch.Tensor) -> int:
     t = local_tensor(t)
+    if is_traceable_wrapper_subclass(t):  # e.g. torchao's 8-bit optimizer state: count the tensors it holds
+        names, _ = t.__tensor_flatten__()
+        return sum(_nbytes(getattr(t, n)) for n in names)
     return t.numel() * t.element_size()
 
 

@@ -22,7 +22,8 @@ from steptitan.optim import OptimizerPlugin, resolve_assignment
 from steptitan.recipe import RecipeError
 from steptitan.registry import OPTIM
 
-PACKAGES = {"adamw": None, "galore": "galore_torch", "fira": "fira", "adam_mini": "adam_mini"}
+PACKAGES = {"adamw": None, "galore": "galore_torch", "fira": "fira", "adam_mini": "adam_mini", "apollo": "apollo_torch",
+            "adamw8bit": "torchao"}
 
 
 def needs(name: str):
@@ -39,7 +40,7 @@ def optim_params(name: str):
 
 
 def test_every_plugin_declares_the_contract():
-    assert {"adamw", "galore", "fira", "adam_mini"} <= set(OPTIM.names())
+    assert {"adamw", "galore", "fira", "adam_mini", "apollo", "adamw8bit"} <= set(OPTIM.names())
     for name in OPTIM.names():
         cls = OPTIM.get(name)
         assert cls.growth_state_policy in ("fresh", "copy") and isinstance(cls.resumable, bool)
@@ -159,6 +160,11 @@ MEMORY_CASES = {
     "fira": {"default": {"name": "fira", "rank": 8, "update_proj_gap": 1}},
     "galore": {"default": {"name": "galore", "rank": 8, "update_proj_gap": 1}},
     "adamw+adam_mini": {"default": "adamw", "embeddings": "adam_mini", "head": "adam_mini"},
+    # wq/wk/wv/wo 96 x 96 and w1/w3 200 x 96 projected from the right, w2 96 x 200 from the left
+    "apollo": {"default": {"name": "apollo", "rank": 8, "update_proj_gap": 1}},
+    # quantised or fp32 moments by the local shard (>= 4096 elements, divisible by 256): e.g. wq at 1
+    # and 2 ranks, w1 at 1 rank only (9600 = 37.5 x 256 on 2), never the 1001-row embedding
+    "adamw8bit": {"default": "adamw8bit"},
 }
 
 
@@ -272,7 +278,7 @@ from hypothesis import given, settings, strategies as st  # noqa: E402
 
 
 @settings(deadline=None, max_examples=8)
-@given(plugin=st.sampled_from([n for n in ("adamw", "adam_mini", "galore", "fira")
+@given(plugin=st.sampled_from([n for n in ("adamw", "adam_mini", "galore", "fira", "apollo", "adamw8bit")
                                if PACKAGES[n] is None or importlib.util.find_spec(PACKAGES[n]) is not None]),
        n_layers=st.integers(1, 2), n_new=st.integers(1, 2), seed=st.integers(0, 2**16))
 def test_state_crosses_growth_per_policy(plugin, n_layers, n_new, seed):
