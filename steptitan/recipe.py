@@ -91,7 +91,7 @@ class DataConfig:
     """
 
     files: list[str] = field(default_factory=list)
-    hub: str | None = None
+    hub: str | None = None  # a hub dataset name (network) or a local dataset folder; streamed either way
     hub_config: str | None = None
     hub_split: str = "train"
     text_column: str = "text"
