@@ -134,10 +134,14 @@ class PreparedData:
     vocab_size: int  # the tokenizer's
     eos_id: int
     dtype: str
+    # [start, end) of each split in its file; None = the whole file (data.tokens split by val_fraction: one file)
+    train_range: tuple[int, int] | None = None
+    val_range: tuple[int, int] | None = None
 
     def tokens(self, split: str) -> np.ndarray:
-        path = self.train_path if split == "train" else self.val_path
-        return np.memmap(path, dtype=self.dtype, mode="r")
+        path, span = (self.train_path, self.train_range) if split == "train" else (self.val_path, self.val_range)
+        ids = np.memmap(path, dtype=self.dtype, mode="r")
+        return ids if span is None else ids[span[0] : span[1]]
 
 
 def _estimated_chars(cfg: DataConfig, files: list[str]) -> int | None:
@@ -219,6 +223,10 @@ def prepare_data(cfg: DataConfig, model_vocab_size: int, workers: int = 0, bar: 
     processes (0 = this one, with the tokenizers library's threads), a tqdm
     ``bar`` instead of progress lines (``steptitan prepare``).
     """
+    if cfg.tokens:  # bring your own tokens: nothing to tokenize
+        from steptitan.given_tokens import prepare_given_tokens
+
+        return prepare_given_tokens(cfg, model_vocab_size)
     cache = Path(os.path.expanduser(cfg.cache_dir))
     files = list(cfg.files)
     fingerprint = source_fingerprint(cfg, files)
