@@ -11,6 +11,7 @@ USAGE = """usage: steptitan <command> [args]
 commands:
   train RECIPE.toml [key=value ...] [--dry-run]   run a recipe (one process; --nproc-per-node N: N ranks, torchrun in-process)
   list-plugins                                    list growth operators, PEFT methods and optimizers with their options
+  prepare RECIPE.toml [key=value ...] [--workers N]  tokenize the corpus into the data cache ahead of training (resumable)
   plan [--dim D --layers L -K 3 --peft lora ...]  best STEP stage splits by peak memory; --write-recipe; --budget
   sweep SWEEP.toml [--list --check --report-only]  run a sweep of recipes, resumably (docs/sweeps.md)
   bench [--recipes a,b --seeds N --budget-tokens N] the equal-FLOP benchmark over seeds (docs/benchmark.md)
@@ -56,6 +57,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if nproc is not None:
             launch(nproc, rest)  # does not return
         return train_main(rest)
+    if command == "prepare":
+        from steptitan.prepare import main as prepare_main
+
+        return prepare_main(rest)
     if command == "plan":
         from steptitan.planner import plan_cli
 

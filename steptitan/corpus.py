@@ -166,15 +166,33 @@ def _load_file_docs(path: str, text_column: str) -> Iterator[str]:
 
 
 def _load_hub_docs(cfg: DataConfig) -> Iterator[str]:
+    """Rows of a hub dataset (or a local dataset folder), streamed: nothing is downloaded or converted first.
+
+    ``datasets``' streaming mode reads the dataset's files as rows are consumed,
+    so ``data.max_chars`` stops the reading, the progress lines start with the
+    first rows, and memory stays one shard's worth however large the dataset.
+    A local folder of parquet/json/jsonl/csv files goes through the same
+    ``load_dataset`` call (its builder is inferred from the file types).
+    """
     import datasets
 
+    where = "the local folder" if Path(os.path.expanduser(cfg.hub)).is_dir() else "the hub (needs network)"
     try:
-        ds = datasets.load_dataset(cfg.hub, cfg.hub_config, split=cfg.hub_split)
+        rows = iter(datasets.load_dataset(os.path.expanduser(cfg.hub) if where == "the local folder" else cfg.hub,
+                                          cfg.hub_config, split=cfg.hub_split, streaming=True))
+        first = next(rows, None)
     except Exception as exc:
-        raise DataError(f"could not load dataset {cfg.hub!r} from the hub (needs network): {exc}") from None
-    if cfg.text_column not in ds.column_names:
-        raise DataError(f"dataset {cfg.hub!r} has no column {cfg.text_column!r}; set data.text_column")
-    yield from (row[cfg.text_column] for row in ds)
+        raise DataError(f"could not load dataset {cfg.hub!r} from {where}: {exc}") from None
+    if first is None:
+        return
+    if cfg.text_column not in first:
+        raise DataError(f"dataset {cfg.hub!r} has no column {cfg.text_column!r} (columns: {', '.join(first)}); "
+                        f"set data.text_column")
+    yield first[cfg.text_column]
+    try:
+        yield from (row[cfg.text_column] for row in rows)
+    except Exception as exc:
+        raise DataError(f"could not read dataset {cfg.hub!r}: {exc}") from None
 
 
 def corpus_docs(cfg: DataConfig, files: list[str] | None = None) -> Iterator[str]:
@@ -209,6 +227,10 @@ def source_fingerprint(cfg: DataConfig, files: list[str]) -> dict:
 
     if files:
         src = {"files": [stat(f) for f in files]}
+    elif cfg.hub and Path(os.path.expanduser(cfg.hub)).is_dir():  # a local dataset folder: its files' sizes and times
+        folder = Path(os.path.expanduser(cfg.hub))
+        src = {"hub": [str(folder.resolve()), cfg.hub_config, cfg.hub_split],
+               "hub_files": [stat(str(f)) for f in sorted(folder.rglob("*")) if f.is_file() and ".cache" not in f.parts]}
     elif cfg.hub:
         src = {"hub": [cfg.hub, cfg.hub_config, cfg.hub_split]}
     else:

@@ -31,6 +31,7 @@ from steptitan import faults
 # Re-exported: the corpus's names are part of this module's interface (tests, experiments, train.py).
 from steptitan.corpus import EMBEDDED_CORPUS, DataError, corpus_docs, source_fingerprint, stdlib_docstrings, truncate_docs
 from steptitan.distributed import env_world_size
+from steptitan.pieces import PIECE_CHARS, PieceProgress, concatenate, tokenize_in_pieces
 from steptitan.recipe import DataConfig, Recipe, RecipeError
 
 __all__ = ["EMBEDDED_CORPUS", "EOS_TOKEN", "BlockSampler", "DataError", "PreparedData", "check_data_fits",
@@ -133,33 +134,79 @@ class PreparedData:
     vocab_size: int  # the tokenizer's
     eos_id: int
     dtype: str
+    # [start, end) of each split in its file; None = the whole file (data.tokens split by val_fraction: one file)
+    train_range: tuple[int, int] | None = None
+    val_range: tuple[int, int] | None = None
 
     def tokens(self, split: str) -> np.ndarray:
-        path = self.train_path if split == "train" else self.val_path
-        return np.memmap(path, dtype=self.dtype, mode="r")
+        path, span = (self.train_path, self.train_range) if split == "train" else (self.val_path, self.val_range)
+        ids = np.memmap(path, dtype=self.dtype, mode="r")
+        return ids if span is None else ids[span[0] : span[1]]
 
 
-def _encode_to_file(docs: Iterable[str], tokenizer, eos_id: int, path: Path, dtype) -> int:
-    tmp = path.with_suffix(".tmp")
-    total = 0
-    with open(tmp, "wb") as fh:
-        batch: list[str] = []
-
-        def flush():
-            nonlocal total
-            for enc in tokenizer.tokenizer.encode_batch(batch):
-                ids = np.asarray(enc.ids + [eos_id], dtype=dtype)
-                fh.write(ids.tobytes())
-                total += len(ids)
-            batch.clear()
-
-        for doc in docs:
-            batch.append(doc)
-            if len(batch) >= 256:
-                flush()
-        flush()
-    os.replace(tmp, path)
+def _estimated_chars(cfg: DataConfig, files: list[str]) -> int | None:
+    """About how many characters the training corpus has (a progress bar's total), None when unknown."""
+    sizes = [Path(os.path.expanduser(f)).stat().st_size for f in files
+             if Path(f).suffix.lower() in (".txt", ".text", ".json", ".jsonl")]  # bytes ~ characters
+    total = sum(sizes) if files and len(sizes) == len(files) else None
+    if cfg.max_chars:
+        total = min(total, cfg.max_chars) if total else cfg.max_chars
     return total
+
+
+class _Bar:
+    """A tqdm bar over the corpus's characters (so an ETA) with the tokens and tokens/s (``steptitan prepare``).
+
+    Pieces kept from an interrupted run are taken off the total, not counted as this run's progress."""
+
+    def __init__(self, total: int | None, what: str):
+        from tqdm import tqdm
+
+        self.total, self.kept_chars = total, 0
+        self.bar = tqdm(total=total, desc=what, unit="char", unit_scale=True, mininterval=1.0, smoothing=0.1)
+
+    def __call__(self, p: PieceProgress) -> None:
+        if p.new_tokens == 0:
+            self.kept_chars = p.chars
+            self.bar.reset(total=max(self.total - p.chars, 0) if self.total else None)
+        else:
+            self.bar.update(p.chars - self.kept_chars - self.bar.n)
+        self.bar.set_postfix_str(f"{p.tokens:,} tokens, {p.tokens_per_s:,.0f} tokens/s"
+                                 + (f", {p.kept} pieces kept from an interrupted run" if p.kept else ""), refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _tokenize_entry(cfg: DataConfig, files: list[str], tok_json: Path, eos_id: int, dtype: str, data_dir: Path,
+                    workers: int, bar: bool, piece_chars: int) -> tuple[int, int]:
+    """Tokenize the corpus in resumable pieces (steptitan/pieces.py) into ``data_dir``'s train.bin and val.bin.
+
+    Returns (tokens, pieces kept from an interrupted earlier run)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    docs: Iterable[str] = truncate_docs(corpus_docs(cfg, files), cfg.max_chars)
+    report = _Bar(_estimated_chars(cfg, files), "tokenizing") if bar else None
+    if report is None:
+        docs = _Reading(docs, "tokenizing", cfg.max_chars)
+    try:
+        pieces, progress = tokenize_in_pieces(docs, tok_json, eos_id, dtype, data_dir / f"pieces-train-{piece_chars}",
+                                              workers, piece_chars, report)
+    finally:
+        if report is not None:
+            report.close()
+    n_all = progress.tokens
+    if n_all == 0:
+        raise DataError("the training corpus is empty")
+    if cfg.val_files:
+        val_pieces, _ = tokenize_in_pieces(corpus_docs(cfg, cfg.val_files), tok_json, eos_id, dtype,
+                                           data_dir / f"pieces-val-{piece_chars}", workers, piece_chars)
+        concatenate(pieces, dtype, [(data_dir / "train.bin", n_all)])
+        concatenate(val_pieces, dtype, [(data_dir / "val.bin", 0)])
+    else:
+        # Deterministic split: the last val_fraction of the token stream.
+        n_val = max(1, int(n_all * cfg.val_fraction))
+        concatenate(pieces, dtype, [(data_dir / "train.bin", n_all - n_val), (data_dir / "val.bin", 0)])
+    return n_all, progress.kept
 
 
 def trained_tokenizer_dir(cfg: DataConfig, model_vocab_size: int) -> Path:
@@ -168,8 +215,18 @@ def trained_tokenizer_dir(cfg: DataConfig, model_vocab_size: int) -> Path:
     return Path(os.path.expanduser(cfg.cache_dir)) / "tokenizers" / _digest(key)
 
 
-def prepare_data(cfg: DataConfig, model_vocab_size: int) -> PreparedData:
-    """Tokenizer and token files for ``cfg`` (built once, then read from the cache)."""
+def prepare_data(cfg: DataConfig, model_vocab_size: int, workers: int = 0, bar: bool = False,
+                 piece_chars: int = PIECE_CHARS) -> PreparedData:
+    """Tokenizer and token files for ``cfg`` (built once, then read from the cache).
+
+    The tokens are written in resumable pieces (steptitan/pieces.py): ``workers``
+    processes (0 = this one, with the tokenizers library's threads), a tqdm
+    ``bar`` instead of progress lines (``steptitan prepare``).
+    """
+    if cfg.tokens:  # bring your own tokens: nothing to tokenize
+        from steptitan.given_tokens import prepare_given_tokens
+
+        return prepare_given_tokens(cfg, model_vocab_size)
     cache = Path(os.path.expanduser(cfg.cache_dir))
     files = list(cfg.files)
     fingerprint = source_fingerprint(cfg, files)
@@ -216,27 +273,19 @@ def prepare_data(cfg: DataConfig, model_vocab_size: int) -> PreparedData:
             raise DataError(f"tokenizer in {str(tok_dir)!r} has no end-of-text token (eos_token in tokenizer_config.json)")
         dtype = "uint16" if model_vocab_size <= 65535 else "uint32"
         meta_path = data_dir / "meta.json"
-        if not meta_path.is_file():
+        if not meta_path.is_file():  # written last: a cache entry with meta.json is complete
             t0 = time.monotonic()
-            _progress(f"tokenizing the corpus -> data.cache_dir/tokens/{key}")
-            data_dir.mkdir(parents=True, exist_ok=True)
-            docs = _Reading(truncate_docs(corpus_docs(cfg, files), cfg.max_chars), "tokenizing", cfg.max_chars)
-            n_all = _encode_to_file(docs, tokenizer, eos_id, data_dir / "all.bin", dtype)
-            if n_all == 0:
-                raise DataError("the training corpus is empty")
-            all_tokens = np.memmap(data_dir / "all.bin", dtype=dtype, mode="r")
-            if cfg.val_files:
-                _encode_to_file(corpus_docs(cfg, cfg.val_files), tokenizer, eos_id, data_dir / "val.bin", dtype)
-                os.replace(data_dir / "all.bin", data_dir / "train.bin")
-            else:
-                # Deterministic split: the last val_fraction of the token stream.
-                n_val = max(1, int(n_all * cfg.val_fraction))
-                np.asarray(all_tokens[: n_all - n_val]).tofile(data_dir / "train.bin")
-                np.asarray(all_tokens[n_all - n_val :]).tofile(data_dir / "val.bin")
-                del all_tokens
-                os.remove(data_dir / "all.bin")
-            meta_path.write_text(json.dumps({"fingerprint": fingerprint, "vocab": vocab, "eos_id": eos_id}))
-            _progress(f"{n_all:,} tokens ready in {time.monotonic() - t0:.1f} s")
+            _progress(f"tokenizing the corpus -> data.cache_dir/tokens/{key}"
+                      + (f" ({workers} worker processes)" if workers else ""))
+            n_all, kept = _tokenize_entry(cfg, files, tok_dir / "tokenizer.json", int(eos_id), dtype, data_dir,
+                                          workers, bar, piece_chars)
+            tmp = data_dir / f".meta.json.tmp-{os.getpid()}"
+            tmp.write_text(json.dumps({"fingerprint": fingerprint, "vocab": vocab, "eos_id": eos_id}))
+            os.replace(tmp, meta_path)
+            for pieces in data_dir.glob("pieces-*"):
+                shutil.rmtree(pieces, ignore_errors=True)
+            _progress(f"{n_all:,} tokens ready in {time.monotonic() - t0:.1f} s"
+                      + (f" ({kept} pieces kept from an interrupted run)" if kept else ""))
     return PreparedData(tok_dir, data_dir / "train.bin", data_dir / "val.bin", vocab, int(eos_id), dtype)
 
 

@@ -21,6 +21,9 @@ processes at exactly chosen moments and compare loss trajectories bit for bit:
 ``STEPTITAN_PAUSE_AT=tokenizer:0:0``
     the process preparing data parks while it holds the cache entry's lock,
     just before training the tokenizer (a second process must wait for it).
+``STEPTITAN_PIECE_LOG=FILE``
+    data preparation appends ``pieces-<split>-<chars>/NNNNNN.bin`` for every piece it tokenizes
+    (steptitan/pieces.py), so a test can check that a resume re-tokenized nothing that was finished.
 ``STEPTITAN_STEP_DELAY=SECONDS``
     every rank sleeps this long after each step (a test can then signal a run mid-stage).
 ``STEPTITAN_EXIT_AT=STAGE:STEP:RANK``

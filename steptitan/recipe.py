@@ -91,7 +91,7 @@ class DataConfig:
     """
 
     files: list[str] = field(default_factory=list)
-    hub: str | None = None
+    hub: str | None = None  # a hub dataset name (network) or a local dataset folder; streamed either way
     hub_config: str | None = None
     hub_split: str = "train"
     text_column: str = "text"
@@ -100,6 +100,11 @@ class DataConfig:
     tokenizer: str | None = None  # tokenizer.json (or its folder); None = train a BPE
     cache_dir: str = "~/.cache/steptitan"
     max_chars: int = _range(0, ge=0)  # 0 = use all text; >0 truncates the corpus (quick runs)
+    # Bring your own tokens (no tokenizing): a nanoGPT-style flat .bin of token ids, or a datasets folder
+    # with an input_ids column; data.tokenizer must be the tokenizer that made them (README "Data")
+    tokens: str | None = None
+    tokens_dtype: Literal["uint16", "uint32"] = "uint16"  # element type of a .bin token file (nanoGPT: uint16)
+    val_tokens: str | None = None  # validation tokens of the same kind; None = the last val_fraction of data.tokens
 
 
 @dataclass
@@ -374,8 +379,13 @@ def check_values(recipe: Recipe, rejected: set[str] = frozenset()) -> list[str]:
     d = recipe.data
     if valid("data.val_fraction", "data.val_files") and not 0.0 < d.val_fraction < 1.0 and not d.val_files:
         errors.append(f"data.val_fraction: must be in (0, 1) when data.val_files is empty, got {d.val_fraction}")
-    if d.files and d.hub:
-        errors.append("data: give either data.files or data.hub, not both")
+    if sum(map(bool, (d.files, d.hub, d.tokens))) > 1:
+        errors.append("data: give one of data.files, data.hub and data.tokens, not several")
+    if (d.tokens or d.val_tokens) and not d.tokenizer:
+        errors.append("data.tokens: needs data.tokenizer, the tokenizer that made the tokens (for its vocabulary, "
+                      "end-of-text id, export and generate)")
+    if d.val_tokens and not d.tokens:
+        errors.append("data.val_tokens: only with data.tokens (use data.val_files for text)")
 
     p = recipe.parallel
     for key in ("dp_replicate", "dp_shard"):
@@ -424,6 +434,8 @@ def missing_files(recipe: Recipe) -> list[str]:
     d = recipe.data
     out = [f"data.{key}: {f!r} does not exist" for key in ("files", "val_files") for f in getattr(d, key)
            if not Path(os.path.expanduser(f)).is_file()]
+    out += [f"data.{key}: {getattr(d, key)!r} does not exist" for key in ("tokens", "val_tokens")
+            if getattr(d, key) and not Path(os.path.expanduser(getattr(d, key))).exists()]
     if d.tokenizer:
         tok = Path(os.path.expanduser(d.tokenizer))
         if not (tok.is_file() or (tok / "tokenizer.json").is_file()):
