@@ -140,14 +140,18 @@ def nccl_error_handling() -> None:
 # --------------------------------------------------------------------------- memory
 
 
-def drop_gradients(*objects: Any) -> None:
-    """Set every gradient of these models / optimizers to None (a finished stage's last gradients)."""
+def drop_gradients(*objects: Any, optimizer_state: bool = False) -> None:
+    """Set every gradient of these models / optimizers to None (a finished stage's last gradients);
+    with ``optimizer_state`` also empty the optimizers' state (moments, step counts)."""
     for obj in objects:
         if isinstance(obj, nn.Module):
             for p in obj.parameters():
                 p.grad = None
         elif obj is not None and hasattr(obj, "zero_grad"):
             obj.zero_grad(set_to_none=True)
+            if optimizer_state:
+                for opt in getattr(obj, "optimizers", [obj]):
+                    opt.state.clear()
 
 
 def collect_garbage() -> None:
