@@ -65,12 +65,33 @@ def pick_device(backend: str, local_rank: int, cuda_devices: int | None = None) 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def compute_dtype_name(dtype: str, device_type: str) -> str:
-    """training.dtype resolved: "auto" = bfloat16 on CUDA (flash/cuDNN attention, tensor cores), float32
-    on the CPU (where bf16 matmuls are slow and the tests hold float32 results)."""
+# Flash attention and cuDNN attention in torch's SDPA, and bf16 tensor-core matmuls, need an Ampere
+# (sm 8.0) or newer GPU; the memory-efficient kernel also runs on older ones (torch's sdp_utils checks).
+BF16_FLASH_CAPABILITY = (8, 0)
+
+
+def cuda_capability() -> tuple[int, int] | None:
+    """(major, minor) of this process's current CUDA device; None without a GPU (a CPU machine predicting
+    for ``backend = "nccl"`` then assumes a GPU of at least ``BF16_FLASH_CAPABILITY``)."""
+    if torch.cuda.is_available():
+        return tuple(torch.cuda.get_device_capability())  # type: ignore[return-value]
+    return None
+
+
+def bf16_flash_capable(capability: tuple[int, int] | None) -> bool:
+    return capability is None or tuple(capability) >= BF16_FLASH_CAPABILITY
+
+
+def compute_dtype_name(dtype: str, device_type: str, capability: tuple[int, int] | None = None) -> str:
+    """training.dtype resolved: "auto" = bfloat16 on an sm >= 8.0 GPU (flash/cuDNN attention, tensor
+    cores), float32 on an older GPU (no bf16 tensor cores, no flash kernel: fp32 runs the memory-efficient
+    kernel; fp16 would need loss scaling) and on the CPU (where bf16 matmuls are slow and the tests hold
+    float32 results). ``capability``: the GPU's (major, minor); None = this process's GPU."""
     if dtype != "auto":
         return dtype
-    return "bfloat16" if device_type == "cuda" else "float32"
+    if device_type != "cuda":
+        return "float32"
+    return "bfloat16" if bf16_flash_capable(capability or cuda_capability()) else "float32"
 
 
 def set_deterministic(enabled: bool) -> None:
@@ -91,18 +112,23 @@ def configure_numerics(device: torch.device, deterministic: bool) -> None:
         torch.set_float32_matmul_precision("high")
 
 
-def attention_kernel(device_type: str, dtype: str, head_dim: int) -> str:
+def attention_kernel(device_type: str, dtype: str, head_dim: int, capability: tuple[int, int] | None = None) -> str:
     """The SDPA kernel the model will run with ``allow_sdpa_backends``: "flash" (cuDNN / flash / the CPU
     flash kernel), "efficient" (memory-efficient) or "math". Flash and efficient save O(S) state for
     backward; math saves the B x H x S x S attention probabilities (flops.activation_bytes).
 
     From torch's sdp_utils checks: on the CPU the flash kernel takes any float dtype; on CUDA flash and
     cuDNN need bf16/fp16 and head_dim <= 256 divisible by 8, memory-efficient takes fp32 too and needs
-    head_dim divisible by 4 (fp32) or 8 (16-bit)."""
+    head_dim divisible by 4 (fp32) or 8 (16-bit). Flash and cuDNN need sm >= 8.0 and so does bf16 in the
+    memory-efficient kernel: on an older GPU (``capability``; None = this process's GPU) a bf16 model runs
+    MATH, an fp32 or fp16 one the memory-efficient kernel."""
     if device_type != "cuda":
         return "flash"
-    if dtype != "float32" and head_dim % 8 == 0 and head_dim <= 256:
+    modern = bf16_flash_capable(capability or cuda_capability())
+    if dtype != "float32" and head_dim % 8 == 0 and head_dim <= 256 and modern:
         return "flash"
+    if dtype == "bfloat16" and not modern:
+        return "math"
     if head_dim % (4 if dtype == "float32" else 8) == 0:
         return "efficient"
     return "math"
@@ -140,14 +166,18 @@ def nccl_error_handling() -> None:
 # --------------------------------------------------------------------------- memory
 
 
-def drop_gradients(*objects: Any) -> None:
-    """Set every gradient of these models / optimizers to None (a finished stage's last gradients)."""
+def drop_gradients(*objects: Any, optimizer_state: bool = False) -> None:
+    """Set every gradient of these models / optimizers to None (a finished stage's last gradients);
+    with ``optimizer_state`` also empty the optimizers' state (moments, step counts)."""
     for obj in objects:
         if isinstance(obj, nn.Module):
             for p in obj.parameters():
                 p.grad = None
         elif obj is not None and hasattr(obj, "zero_grad"):
             obj.zero_grad(set_to_none=True)
+            if optimizer_state:
+                for opt in getattr(obj, "optimizers", [obj]):
+                    opt.state.clear()
 
 
 def collect_garbage() -> None:

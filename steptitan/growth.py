@@ -124,11 +124,17 @@ class GrowthOperator:
         ``grow_tensors`` (copied, averaged, or scaled like the gradient where
         width growth splits a weight).
         """
-        if getattr(self.options, "optimizer_state", "fresh") != "copy" or src_optimizer is None:
+        if not self.carries_optimizer_state() or src_optimizer is None:
             return 0
         reshard(src)  # as in ``grow``: the weights' local shards key the moments
         reshard(dst)
         return carry_adam_state(self, src, src_optimizer, dst, dst_optimizer, src_shape)
+
+    def carries_optimizer_state(self) -> bool:
+        """True when the new stage's moments are grown from the old optimizer's (``optimizer_state =
+        "copy"``): the trainer then keeps the old optimizer state alive until ``carry_optimizer_state``
+        has run, and the memory model counts both at the stage switch (issue 23, item 6)."""
+        return getattr(self.options, "optimizer_state", "fresh") == "copy"
 
     # ------------------------------------------------------------------ training-time hooks
 

@@ -167,10 +167,13 @@ def model_state_bytes(specs: Iterable[ParamSpec], world_size: int = 1, rank: int
     return out
 
 
-def peft_pool_bytes(methods: Sequence[PeftMethod], model: nn.Module, world_size: int, rank: int) -> int:
+def peft_pool_bytes(methods: Sequence[PeftMethod], model: nn.Module, world_size: int, rank: int,
+                    device_type: str = "cpu", on_host: bool = False) -> int:
     """Adapter-pool bytes (e.g. SwitchLoRA candidates) the PEFT methods predict for ``rank``
-    (``PeftMethod.predicted_extra_state_bytes``; none by default)."""
-    return sum(int(m.predicted_extra_state_bytes(model, world_size, rank)) for m in methods)
+    (``PeftMethod.predicted_extra_state_bytes``; none by default): those on the device, or with
+    ``on_host`` those kept in host memory while the model runs on ``device_type``."""
+    return sum(int(m.predicted_extra_state_bytes(model, world_size, rank)) for m in methods
+               if m.extra_state_on_host(device_type) == on_host)
 
 
 @dataclass
@@ -184,6 +187,13 @@ class StageMemory:
     activations: int  # estimated saved-activation bytes per rank (one micro-batch)
     # per rank: padded shards, collective buffers, logits, accumulated gradients, fragmentation (flops.overhead_bytes)
     overheads: list[dict[str, int]] = field(default_factory=list)
+    # per rank: model-state bytes alive at the switch into this stage (``switch_bytes``); empty for stage 0
+    switch: list[int] = field(default_factory=list)
+    host_bytes: list[int] = field(default_factory=list)  # per rank: state kept in host memory off the device
+
+    @property
+    def peak_switch(self) -> int:
+        return max(self.switch, default=0)
 
     @property
     def peak_model_states(self) -> int:
@@ -196,8 +206,9 @@ class StageMemory:
     @property
     def peak_total(self) -> int:
         if not self.overheads:
-            return self.peak_model_states + self.activations
-        return max(r["model_states"] + self.activations + sum(o.values()) for r, o in zip(self.per_rank, self.overheads))
+            return max(self.peak_model_states + self.activations, self.peak_switch)
+        steady = max(r["model_states"] + self.activations + sum(o.values()) for r, o in zip(self.per_rank, self.overheads))
+        return max(steady, self.peak_switch)
 
 
 def with_step_dims(specs: list[ParamSpec], model: nn.Module, methods: Sequence[PeftMethod]) -> list[ParamSpec]:
@@ -227,25 +238,47 @@ def predict_stage(plan: Any, world_size: int, training: Any) -> StageMemory:
     model = plan.build()
     specs = with_step_dims(param_specs(model, plan.old_layers, base_param_names(plan.shape)), model, plan.peft)
     per_rank = [model_state_bytes(specs, world_size, r, precision, optimizer,
-                                  peft_pool_bytes(plan.peft, model, world_size, r)) for r in range(world_size)]
+                                  peft_pool_bytes(plan.peft, model, world_size, r, device_type)) for r in range(world_size)]
+    host = [peft_pool_bytes(plan.peft, model, world_size, r, device_type, on_host=True) for r in range(world_size)]
     acts = activation_bytes(plan.shape, training.batch_size, training.seq_len, precision,
                             training.activation_checkpointing, first_grad_layer(specs, plan.shape.n_layers),
                             attention_kernel(device_type, precision.compute, plan.shape.head_dim))
+    acts += sum(m.predicted_saved_bytes(model, training.batch_size, training.seq_len, BYTES[precision.compute],
+                                        training.activation_checkpointing) for m in plan.peft)  # e.g. APEX's weights
     overheads = [overhead_bytes(specs, plan.shape, training.batch_size, training.seq_len, precision, world_size, r,
                                 getattr(training, "grad_accum", 1), getattr(training, "grad_sync", "last"),
                                 device_type, resident=per_rank[r]["model_states"] + acts) for r in range(world_size)]
     return StageMemory(plan.index, plan.name, plan.shape.n_layers, plan.trainable_params, plan.frozen_params,
-                       per_rank, acts, overheads)
+                       per_rank, acts, overheads, host_bytes=host)
+
+
+def switch_bytes(prev: StageMemory, new: StageMemory, copies_state: bool) -> list[int]:
+    """Per-rank model-state bytes alive while stage ``new`` is built and grown from stage ``prev``.
+
+    The trainer frees the old gradients first and the old optimizer state too unless growth carries
+    it (``optimizer_state = "copy"``): then the old moments and the new ones grown from them (two
+    fp32 copies of every new trainable parameter, counted as the new stage's whole optimizer state)
+    are alive at once, next to both models' parameters and the new stage's adapter pools."""
+    out = []
+    for old, cur in zip(prev.per_rank, new.per_rank):
+        params = old["params_trainable"] + old["params_frozen"] + cur["params_trainable"] + cur["params_frozen"]
+        moments = old["optimizer"] + cur["optimizer"] if copies_state else 0
+        out.append(params + moments + cur["adapter_pools"])
+    return out
 
 
 def predict_recipe(recipe: Any, plans: Sequence[Any], world_size: int) -> list[StageMemory]:
     """Every stage on ``world_size`` ranks laid out per ``recipe.parallel``: a rank holds 1/dp_shard of
-    each parameter (HSDP replicas add ranks, not savings), so ``per_rank`` lists the dp_shard shard ranks."""
+    each parameter (HSDP replicas add ranks, not savings), so ``per_rank`` lists the dp_shard shard ranks.
+    A later stage also predicts its stage switch (``switch_bytes``)."""
     from steptitan.recipe import parallel_degrees
 
     parallel = getattr(recipe, "parallel", None)
     shard = parallel_degrees(parallel, world_size)[1] if parallel is not None else world_size
-    return [predict_stage(p, shard, recipe.training) for p in plans]
+    stages = [predict_stage(p, shard, recipe.training) for p in plans]
+    for plan, prev, cur in zip(plans[1:], stages, stages[1:]):
+        cur.switch = switch_bytes(prev, cur, plan.growth is not None and plan.growth.carries_optimizer_state())
+    return stages
 
 
 # --------------------------------------------------------------------------- the paper's formula
@@ -267,5 +300,6 @@ def step_paper_bytes(layers_per_stage: Sequence[int], layer_params: int, adapter
 __all__ = [
     "BYTES", "Precision", "PRECISIONS", "OptimizerSpec", "ParamSpec", "param_specs", "MEMORY_KEYS",
     "model_state_bytes", "peft_pool_bytes", "with_step_dims", "predict_stage", "predict_recipe", "StageMemory",
+    "switch_bytes",
     "step_paper_bytes",
 ]

@@ -129,6 +129,20 @@ class PeftMethod:
         ``world_size`` / ``rank`` are the shard degree and shard index (under HSDP, parallel.dp_shard)."""
         return 0
 
+    def extra_state_on_host(self, device_type: str) -> bool:
+        """True when ``extra_state_bytes`` sit in host memory while the model runs on ``device_type``
+        (SwitchLoRA's ``pool_device = "cpu"`` on a GPU): the memory model then keeps them out of the
+        device's bytes (``StageMemory.host_bytes``), so ``check_memory_fits`` does not refuse a run
+        that fits (issue 23, item 6)."""
+        return False
+
+    def predicted_saved_bytes(self, model: nn.Module, batch: int, seq_len: int, compute_bytes: int,
+                              checkpointing: bool) -> int:
+        """Bytes autograd saves for backward in one micro-batch beyond the dense model's activations
+        (``flops.activation_bytes``), e.g. APEX's full effective weight per adapted linear. With
+        activation checkpointing only one block's worth lives (during its recompute)."""
+        return 0
+
     def state_dict(self) -> dict[str, Any]:
         """Counters and pools to save in a checkpoint (tensors or plain values)."""
         return {}

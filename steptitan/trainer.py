@@ -100,6 +100,10 @@ class Trainer:
                 resume = None
             else:
                 old_model, old_optimizer = model, getattr(self, "optimizer", None)
+                # Free the old gradients (and the old moments unless growth copies them) before the new
+                # model exists, so the two stages' model states do not add up (issue 23, item 6).
+                copy_state = plan.growth is not None and plan.growth.carries_optimizer_state()
+                drop_gradients(old_model, old_optimizer, optimizer_state=not copy_state)
                 model = self.build_stage_model(plan, grow_from=old_model, prev=prev,
                                                init_from=self.recipe.model.init_from if plan.index == 0 else None)
                 self.build_optimizer(plan, model)
@@ -273,6 +277,7 @@ class Trainer:
                 loss = loss * float("nan")
             (loss / accum).backward()
             loss_sum += loss.detach()
+            del logits, loss  # else the logits live through the next micro-batch's forward (issue 23, item 6)
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else math.inf
         grad_norm_t = clip_grad_norm_(trainable, max_norm)  # already reduced over ranks; stays on the device
         # Gradients are alive now: the moment of peak model-state memory.

@@ -117,6 +117,30 @@ def test_compute_dtype_and_attention_kernel_follow_the_device():
     assert [b.name for b in ScaledDotProductAttentionWrapper().sdpa_backends] == list(SDPA_BACKENDS)
 
 
+def test_dtype_and_kernel_follow_the_gpu_capability():
+    """Issue 23, item 8: before Ampere (sm < 8.0) there is no bf16 flash or cuDNN attention (and no bf16
+    tensor cores): "auto" picks float32 there, which runs the memory-efficient kernel; an explicit bf16
+    falls back to MATH. The activation estimate follows the kernel (MATH saves B x H x S x S per block)."""
+    from steptitan.device import attention_kernel, compute_dtype_name
+    from steptitan.flops import activation_bytes
+    from steptitan.memory import Precision
+
+    volta, turing, ampere, hopper = (7, 0), (7, 5), (8, 0), (9, 0)
+    assert [compute_dtype_name("auto", "cuda", c) for c in (volta, turing, ampere, hopper)] == \
+        ["float32", "float32", "bfloat16", "bfloat16"]
+    assert compute_dtype_name("auto", "cpu", volta) == "float32" and compute_dtype_name("bfloat16", "cuda", volta) == "bfloat16"
+    for cap in (volta, turing):
+        dtype = compute_dtype_name("auto", "cuda", cap)
+        assert attention_kernel("cuda", dtype, 64, cap) == "efficient"
+        assert attention_kernel("cuda", "bfloat16", 64, cap) == "math"
+        assert attention_kernel("cuda", "float16", 64, cap) == "efficient"
+    assert attention_kernel("cuda", "bfloat16", 64, ampere) == "flash"
+    shape = ModelShape(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, vocab_size=100, ffn_hidden=128, max_seq_len=64)
+    old_gpu = activation_bytes(shape, 2, 64, Precision("bfloat16"), attention=attention_kernel("cuda", "bfloat16", 16, turing))
+    new_gpu = activation_bytes(shape, 2, 64, Precision("bfloat16"), attention=attention_kernel("cuda", "bfloat16", 16, ampere))
+    assert old_gpu - new_gpu == 2 * 2 * 4 * 64 * 64 * 2  # two blocks' bf16 probabilities
+
+
 def test_tf32_on_cuda_unless_deterministic_and_never_on_cpu():
     from steptitan.device import configure_numerics
 

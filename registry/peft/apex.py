@@ -318,6 +318,21 @@ class Apex(PeftMethod):
     def extra_state_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.counts.values(), *self.selection.values()))
 
+    def predicted_saved_bytes(self, model: nn.Module, batch: int, seq_len: int, compute_bytes: int,
+                              checkpointing: bool) -> int:
+        """Once expanding, every adapted linear's forward builds its full effective weight (out x in) and
+        F.linear keeps it for backward, with the selected rows (2n x across, ``sel``), the Monarch mixer's
+        contiguous operand copies (3n x across) and the int64 row index (2n) (measured with
+        saved_tensors_hooks: tests/test_memory.py holds it exact); one block's worth under activation
+        checkpointing."""
+        per_layer: dict[int, int] = {}
+        for name, module in self.modules(model):
+            n = module.k * module.unit
+            across = module.in_features if module.side == "rows" else module.out_features
+            saved = (module.out_features * module.in_features + 5 * n * across) * compute_bytes + 2 * n * 8
+            per_layer[layer_of(name)] = per_layer.get(layer_of(name), 0) + saved
+        return max(per_layer.values(), default=0) if checkpointing else sum(per_layer.values())
+
     def state_dict(self) -> dict[str, Any]:
         return {"scored": self.scored, "counts": dict(self.counts), "selection": dict(self.selection)}
 

@@ -74,7 +74,9 @@ class SwitchLoRAOptions(LoRAOptions):
     descent_ratio: float = field(default=0.1, metadata={"gt": 0})  # the interval has grown by 1/0.3 after descent_ratio * (stage steps)
     freeze_steps: int = field(default=5, metadata={"ge": 0})  # steps the counterpart of a switched vector is frozen
     pool_size: int = field(default=0, metadata={"ge": 0})  # candidates per pool; 0 = min(in, out) (paper)
-    pool_device: Literal["cpu", "model"] = "cpu"  # where candidate pools live: cpu, or the parameters' device
+    # where candidate pools live: the parameters' device ("model"; "auto" = there), or host memory ("cpu": off a
+    # GPU's memory, as the paper, but every switch copies vectors between host and device; docs/peft.md)
+    pool_device: Literal["auto", "cpu", "model"] = "auto"
 
 
 def held_rows(param: torch.Tensor) -> torch.Tensor:
@@ -118,7 +120,7 @@ class SwitchLoRA(LoRA):
             # Candidates follow the "uniform" init of the vectors they replace (fan-in in for A, r for B).
             cand_a = torch.empty(p, module.in_features).uniform_(-1, 1, generator=gen) / math.sqrt(module.in_features)
             cand_b = torch.empty(module.out_features, p).uniform_(-1, 1, generator=gen) / math.sqrt(a.shape[0])
-            device = "cpu" if self.options.pool_device == "cpu" else local_tensor(a).device
+            device = "cpu" if self.options.pool_device == "cpu" else local_tensor(a).device  # auto, model: the device
             self.pools[name] = {"A": shard_rows(cand_a.t().contiguous(), a).to(device),
                                 "B": local_part(cand_b.to(local_tensor(b).device), b).to(device)}
             self.frozen_A[name] = torch.zeros(a.shape[0], dtype=torch.long)
@@ -274,6 +276,10 @@ class SwitchLoRA(LoRA):
 
     def extra_state_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for pools in self.pools.values() for t in pools.values())
+
+    def extra_state_on_host(self, device_type: str) -> bool:
+        """``pool_device = "cpu"`` on a GPU keeps the pools in host memory, not the device's."""
+        return self.options.pool_device == "cpu" and device_type != "cpu"
 
     def predicted_extra_state_bytes(self, model: nn.Module, world_size: int, rank: int) -> int:
         """Pool bytes rank ``rank`` will hold (for steptitan.memory), from the (meta) model's shapes."""
