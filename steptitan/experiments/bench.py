@@ -53,11 +53,15 @@ RECIPES: dict[str, str] = {
     "lora": "recipes/lora.toml",
     "relora": "recipes/relora.toml",
     "lowrank_tricks": "recipes/lowrank_tricks.toml",
+    "apollo": "recipes/apollo.toml",  # APOLLO (apollo-torch), issue 24
+    "adamw8bit": "recipes/adamw8bit.toml",  # torchao's 8-bit AdamW, issue 24
     # STEP + each optimizer (composites) and the earlier STEP variants (ablations)
     "step3_adamw": "recipes/bench/step3_adamw.toml",
     "step3_galore": "recipes/bench/step3_galore.toml",
     "step3_fira": "recipes/bench/step3_fira.toml",
     "step3_frozenemb": "recipes/bench/step3_frozenemb.toml",
+    "step3_apollo": "recipes/bench/step3_apollo.toml",
+    "step3_adamw8bit": "recipes/bench/step3_adamw8bit.toml",
     "step3_trainemb": "recipes/bench/step3_trainemb.toml",
     "step3_runlr": "recipes/bench/step3_runlr.toml",  # one LR schedule over the run (issue 22, B)
     "step4_runlr": "recipes/bench/step4_runlr.toml",
