@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Compare two arms of a seeded sweep seed by seed (= ``steptitan paired``; docs/bench/issue14.md).
+"""Compare two arms of a seeded sweep seed by seed (= ``steptitan paired``; docs/bench/apex_cpt_and_width_growth.md).
 
 The code lives in steptitan/experiments/paired.py.
 """

@@ -1,6 +1,6 @@
 """Paired comparison of two arms of a seeded sweep: per-arm mean and sd, per-seed differences, a plot.
 
-    steptitan paired /work/benchruns/issue14_apex apex lora --plot docs/bench/issue14_apex.png
+    steptitan paired RUNS/apex_vs_lora_cpt apex lora --plot docs/bench/apex_vs_lora_cpt.png
 
 Reads every ``<out>/<label>,seed=<s>/summary.json`` of the two labels (runs made by ``steptitan
 sweep``), pairs the runs by seed (same seed = same stage 0, same data order) and prints, as a
