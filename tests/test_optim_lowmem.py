@@ -108,7 +108,7 @@ def _max_diff(a: dict, b: dict) -> float:
 
 @pytest.mark.dist
 @needs_apollo
-@pytest.mark.parametrize("scale_type", ["channel", "tensor"])
+@pytest.mark.parametrize("scale_type", ["channel", pytest.param("tensor", marks=pytest.mark.slow)])
 def test_apollo_on_fsdp2_takes_the_library_steps(scale_type):
     """6 steps with a redraw every 2 (rank 4): the 2-rank sharded APOLLO equals APOLLOAdamW on the
     unsharded model to float rounding (gloo's reduction order), and is not AdamW."""

@@ -292,5 +292,5 @@ def test_optimizer_tables_are_checked_in_the_same_pass():
         "stages.1.optim.embedings: unknown parameter group (did you mean 'embeddings'?); "
         "known: default, old, new, embeddings, head, adapters",
         "stages.1.optim.head: galore.rank must be > 0, got 0",
-        "stages.1.optim.old: unknown optimizer 'adamx'; known: adam_mini, adamw, fira, galore. Did you mean 'adamw'?",
+        "stages.1.optim.old: unknown optimizer 'adamx'; known: adam_mini, adamw, adamw8bit, apollo, fira, galore. Did you mean 'adamw'?",
     ]
