@@ -17,6 +17,7 @@ commands:
   bench [--recipes a,b --seeds N --budget-tokens N] the equal-FLOP benchmark over seeds (docs/benchmark.md)
   paired SWEEP_OUT LABEL_A LABEL_B [--plot F]      two arms of a seeded sweep compared seed by seed
   export CHECKPOINT_OR_RUN OUT_DIR                 a checkpoint as a Hugging Face Llama folder
+  eval CHECKPOINT_OR_RUN --tasks T1,T2             lm-evaluation-harness tasks on a checkpoint (--include-path evaltasks: offline)
   generate CHECKPOINT_OR_RUN --prompt TEXT         sample text from a checkpoint (CPU, one process, no export)
 """
 
@@ -77,6 +78,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from steptitan.experiments.paired import main as paired_main
 
         return paired_main(rest)
+    if command == "eval":
+        from steptitan.lmeval import main as eval_main
+
+        return eval_main(rest)
     if command == "generate":
         from steptitan.generate import main as generate_main
 

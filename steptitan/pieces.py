@@ -54,9 +54,12 @@ def encode_piece(tokenizer, docs: list[str], eos_id: int, dtype: str, path: Path
     dot-file that the next run deletes).
     """
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    # encode_batch_fast: the same ids without character offsets, ~1.9x the tokens per CPU second and
+    # 2/3 of the memory on a 4 Mi-character document (measured, docs/data.md)
+    encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
     with open(tmp, "wb") as fh:
         for start in range(0, len(docs), _BATCH):
-            for enc in tokenizer.encode_batch(docs[start : start + _BATCH]):
+            for enc in encode(docs[start : start + _BATCH]):
                 fh.write(np.asarray(enc.ids + [eos_id], dtype=dtype).tobytes())
         fh.flush()
         os.fsync(fh.fileno())
