@@ -209,6 +209,29 @@ def shard_rows(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return distribute_tensor(full.to(device), like.device_mesh, like.placements, src_data_rank=None).to_local()
 
 
+def scatter_rows(full: torch.Tensor | None, dst: torch.Tensor, owner: int) -> None:
+    """Write ``full`` (held by shard rank ``owner`` only; None elsewhere) into every rank's dim-0 shard of
+    ``dst``: one scatter over ``dst``'s shard group (replicas of an HSDP mesh scatter within their own
+    group, from their own owner), chunks padded to FSDP2's ceil(rows / W) so they are equal-sized."""
+    local = local_tensor(dst)
+    degree = shard_degree(dst)
+    if degree == 1:
+        local.copy_(full.to(local.device))
+        return
+    rows = dst.shape[0]
+    chunk = math.ceil(rows / degree)
+    wire = torch.float32  # the init's dtype; gloo has no bf16 scatter (a bf16 frozen shard casts on arrival)
+    out = torch.empty((chunk, *dst.shape[1:]), dtype=wire, device=local.device)
+    pieces = None
+    if full is not None:
+        padded = torch.zeros((chunk * degree, *dst.shape[1:]), dtype=wire, device=local.device)
+        padded[:rows] = full
+        pieces = list(padded.split(chunk))
+    shard_dim = next(d for d, p in enumerate(dst.placements) if isinstance(p, Shard))
+    dist.scatter(out, pieces, group=dst.device_mesh.get_group(shard_dim), group_src=owner)
+    local.copy_(out[:local.shape[0]])
+
+
 def gather_rows(local: torch.Tensor, like: torch.Tensor, rows: int) -> torch.Tensor:
     """Inverse of ``shard_rows``: the full (rows, ...) tensor on every rank (an all-gather)."""
     if not isinstance(like, DTensor):

@@ -91,6 +91,12 @@ class GrowthOperator:
         """True when the grown model computes exactly the old model's function."""
         return False
 
+    def filled_units(self, src: ModelShape) -> set[str]:
+        """Init units (``model.init_units``: "layers.j." and the root "") whose dense weights ``grow``
+        overwrites completely, so the trainer does not draw them first (issue 23, item 7). The default,
+        nothing, is always safe; an operator that copies by ``layer_sources`` knows more."""
+        return set()
+
     # ------------------------------------------------------------------ weights
 
     @torch.no_grad()
@@ -162,6 +168,9 @@ class SameShape(GrowthOperator):
     def is_exact(self, src: ModelShape | None = None) -> bool:
         return True
 
+    def filled_units(self, src: ModelShape) -> set[str]:
+        return units_copied(self.layer_sources(src))
+
 
 _base_names = lru_cache(maxsize=32)(base_param_names)  # builds a meta model: cache per shape
 
@@ -177,6 +186,11 @@ def dense_params(model: nn.Module, src_shape: ModelShape) -> dict[str, nn.Parame
         if key in base:
             out[name] = p
     return out
+
+
+def units_copied(sources: list[LayerSource]) -> set[str]:
+    """The init units ``copy_by_source`` fills: the root (by name) and every layer with a source."""
+    return {""} | {f"layers.{j}." for j, s in enumerate(sources) if s.sources}
 
 
 @torch.no_grad()
@@ -234,6 +248,9 @@ class DepthGrowth(GrowthOperator):
         if not (self.options.zero_out or self.options.mask_steps):
             return False
         return src is None or [s.sources for s in self.layer_sources(src) if not s.new] == [(i,) for i in range(src.n_layers)]
+
+    def filled_units(self, src: ModelShape) -> set[str]:
+        return units_copied(self.layer_sources(src))  # zero_out writes zeros into copied or drawn blocks alike
 
     def new_layers(self, src_shape: ModelShape) -> list[int]:
         return [j for j, s in enumerate(self.layer_sources(src_shape)) if s.new]

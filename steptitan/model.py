@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Collection
 
 import torch
 from torch import nn
@@ -18,7 +18,7 @@ from torchtitan.models.llama3.model.args import RoPEScalingArgs
 from torchtitan.models.llama3.model.model import precompute_freqs_cis
 
 from steptitan.device import allow_sdpa_backends
-from steptitan.distributed import derive_seed, local_part, local_tensor
+from steptitan.distributed import derive_seed, local_tensor, scatter_rows, shard_degree, shard_index
 from steptitan.recipe import ModelConfig
 
 allow_sdpa_backends()  # fp32 on CUDA gets the memory-efficient SDPA kernel instead of MATH (docs/gpu.md)
@@ -163,8 +163,15 @@ def shape_of(model: Transformer) -> ModelShape:
     )
 
 
+def init_units(shape: ModelShape) -> list[str]:
+    """The initialisation's units by name prefix: every block ("layers.j."), then the root ("": embeddings,
+    final norm, LM head). Each is drawn from its own seed (``init_model_weights``)."""
+    return [f"layers.{j}." for j in range(shape.n_layers)] + [""]
+
+
 @torch.no_grad()
-def init_model_weights(model: Transformer, shape: ModelShape | None = None, seed: int | None = None) -> None:
+def init_model_weights(model: Transformer, shape: ModelShape | None = None, seed: int | None = None,
+                       filled: Collection[str] = ()) -> None:
     """torchtitan's initialisation, drawn on full tensors: a function of (shape, seed) alone.
 
     On a CPU device mesh DTensor's random ops have no RNG tracker, so drawing
@@ -173,38 +180,53 @@ def init_model_weights(model: Transformer, shape: ModelShape | None = None, seed
     (a block, then the root: embeddings, final norm, LM head) is materialised
     unsharded on CPU as a twin, initialised by torchtitan's own ``init_weights``
     (so its stds, depth init and truncation are used as they are) from a CPU
-    generator seeded by (seed, unit), and every rank keeps its part. Peak
-    extra memory is one unit in float32. The result is identical at any world
+    generator seeded by (seed, unit). The result is identical at any world
     size and on CPU or GPU. PEFT parameters are left to the PEFT method's
     ``init_weights``; a tied LM head stays tied (the head's init wins, as in
     torchtitan). ``seed=None`` draws one from the global torch RNG.
+
+    At scale (issue 23, item 7) no rank draws the whole model: the units are dealt round robin over
+    the shard group (unit i is drawn by shard rank i mod W, on its own CPU, one unit at a time) and
+    the owner scatters each parameter's dim-0 chunks, so a rank draws 1/W of the model and holds its
+    shards plus at most one unit. Units in ``filled`` (prefixes from ``init_units``) are skipped:
+    growth or a checkpoint / Hugging Face load overwrites them, and every unit has its own seed, so
+    skipping one does not change another's values. Under HSDP each replica's shard group deals the
+    same units and draws the same values.
     """
     shape = shape or shape_of(model)
     if seed is None:
         seed = int(torch.randint(0, 2**62, (1,)).item())
-    device = local_tensor(model.tok_embeddings.weight).device
+    anchor = model.tok_embeddings.weight
+    device = local_tensor(anchor).device
     with torch.device(device):  # the RoPE table (a non-persistent buffer)
         model.freqs_cis = model._precompute_freqs_cis()
     params = dict(model.named_parameters(remove_duplicate=False))
     twin = build_model(shape)  # meta: allocates nothing until a unit is materialised
+    degree, me = shard_degree(anchor), shard_index(anchor)
+    drawn = [u for u in init_units(shape) if u not in set(filled)]
 
     def fill(prefix: str, unit: nn.Module, init: Callable[[], None]) -> None:
-        unit.to_empty(device="cpu")
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(derive_seed(seed, "init", prefix))
-            init()
-        for name, full in unit.named_parameters():
+        owner = drawn.index(prefix) % degree
+        if owner == me:
+            unit.to_empty(device="cpu")
+            with torch.random.fork_rng(devices=[]):
+                torch.default_generator.manual_seed(derive_seed(seed, "init", prefix))
+                init()
+        # remove_duplicate=False: to_empty unties a tied twin on the owner only; every rank must list the
+        # same names to take part in the same scatters (the head is written last and wins, as before)
+        for name, full in unit.named_parameters(remove_duplicate=False):
             dst = params.get(prefix + name)
             if dst is None:
                 raise ValueError(f"init: the model has no parameter {prefix + name!r} (a plugin renamed a dense weight?)")
-            local = local_tensor(dst)
-            local.copy_(local_part(full.detach().to(local.device), dst))
+            scatter_rows(full.detach() if owner == me else None, dst, owner)
         unit.to_empty(device="meta")  # free the twin's memory
 
     for j, block in twin.layers.items():
-        fill(f"layers.{j}.", block, block.init_weights)
+        if f"layers.{j}." in drawn:
+            fill(f"layers.{j}.", block, block.init_weights)
     twin.layers = nn.ModuleDict()  # the root unit: embeddings, final norm, LM head
-    fill("", twin, lambda: twin.init_weights(buffer_device=torch.device("cpu")))
+    if "" in drawn:
+        fill("", twin, lambda: twin.init_weights(buffer_device=torch.device("cpu")))
 
 
 def base_param_names(shape: ModelShape) -> set[str]:

@@ -42,7 +42,7 @@ from steptitan.metrics import (
 )
 from steptitan.flops import stage_flops_per_token
 from steptitan.optim import OptimizerHParams, StageLRSchedulers, build_stage_optimizers, resolve_assignment
-from steptitan.model import cast_frozen_params, init_model_weights
+from steptitan.model import cast_frozen_params, init_model_weights, init_units
 from steptitan.peft import StepContext
 from steptitan.plan import StagePlan, plan_fingerprint
 from steptitan.progress import Progress, fmt_duration, shape_change
@@ -94,7 +94,7 @@ class Trainer:
             reset_peak_rss()
             t0 = time.perf_counter()
             if resume is not None and plan.index == resume.stage:
-                model = self.build_stage_model(plan, prev=prev)  # weights come from the checkpoint
+                model = self.build_stage_model(plan, prev=prev, loaded=True)  # weights come from the checkpoint
                 self.build_optimizer(plan, model)
                 start_step = self.load_checkpoint(resume, plan, model)
                 resume = None
@@ -139,11 +139,12 @@ class Trainer:
     # ------------------------------------------------------------------ building a stage
 
     def build_stage_model(self, plan: StagePlan, grow_from: nn.Module | None = None, prev: StagePlan | None = None,
-                          init_from: str | None = None) -> nn.Module:
+                          init_from: str | None = None, loaded: bool = False) -> nn.Module:
         """Meta model + PEFT -> FSDP2 -> materialise + init -> (HF weights | growth from the previous stage) -> PEFT init.
 
         ``init_from``: a Hugging Face Llama folder whose weights replace the random init (model.init_from;
-        steptitan/hf.py), each rank reading only its shard's rows."""
+        steptitan/hf.py), each rank reading only its shard's rows. The init skips what the load
+        (``init_from``, ``loaded``: a checkpoint follows) or the growth fills (issue 23, item 7)."""
         model = plan.build()
         cast_frozen_params(model, DTYPES[self.cfg.frozen_dtype])  # the precision policy's frozen storage
         compute = DTYPES[compute_dtype_name(self.cfg.dtype, self.env.device.type)]  # "auto": bf16 on CUDA
@@ -152,7 +153,9 @@ class Trainer:
             compile_blocks(model, self.cfg.compile_backend)
         model.to_empty(device=self.env.device)
         torch.manual_seed(self.cfg.seed + plan.index)
-        init_model_weights(model, plan.shape, seed=self.cfg.seed + plan.index)  # same weights at any world size
+        filled = (set(init_units(plan.shape)) if loaded or init_from else
+                  (plan.growth or SameShape()).filled_units(prev.shape) if grow_from is not None and prev is not None else ())
+        init_model_weights(model, plan.shape, seed=self.cfg.seed + plan.index, filled=filled)  # any world size: same
         if init_from:
             from steptitan.hf import load_hf_weights
 

@@ -69,6 +69,9 @@ def test_step_recipe_two_ranks_then_resume(tmp_path, cache_dir):
     assert resumed["stages"][1]["val_loss"] == pytest.approx(s1["val_loss"], rel=1e-4)
 
 
+@pytest.mark.slow  # issue 23 item 10: a one-rank run without torchrun and its "already finished" re-run are
+# test_run_safety.py's fast tests (tiny_one_rank runs `python -m steptitan.train`; the re-run is
+# test_rerunning_a_finished_run_leaves_it_untouched); checkpoint.enabled=false: test_everyday / in-process trainers
 def test_vanilla_single_process_without_torchrun(tmp_path, cache_dir):
     """World size 1, no torchrun: the same code path (FSDP2 over a one-rank gloo group)."""
     import subprocess
@@ -92,6 +95,9 @@ def test_vanilla_single_process_without_torchrun(tmp_path, cache_dir):
     assert (run_dir / "summary.json").stat().st_mtime_ns == before
 
 
+@pytest.mark.slow  # issue 23 item 10: three training runs; the refusal (same check, rundir._check_fingerprint) is
+# test_run_safety.py::test_resume_path_from_another_plan_is_refused_before_any_process_group, and which recipe
+# changes alter the plan's identity is test_run_safety.py::test_the_plan_fingerprint_ignores_steps_not_the_model
 def test_checkpoints_of_a_different_plan_are_not_resumed(tmp_path, cache_dir):
     """A folder whose checkpoints came from another stage plan is refused before any process starts."""
     import subprocess

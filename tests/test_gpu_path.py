@@ -227,6 +227,117 @@ def test_switchlora_step_hooks_and_slice_adamw_never_read_the_device():
     assert optimizer.state[model.norm.weight]["step"].device.type == "cpu"  # torch AdamW's scalar step
 
 
+# --------------------------------------------------------------------------- blocking copies between devices (issue 23, item 4)
+
+
+def blocking_copy(func, args, kwargs) -> str | None:
+    """"d2h" / "h2d" when an aten op copies between the host and a device in a way that blocks the host
+    on a GPU, else None. A device-to-host copy waits for the stream (pinned non_blocking targets aside,
+    which ``_to_copy`` cannot make); a host-to-device copy without ``non_blocking`` is a synchronous
+    cudaMemcpy. Any non-CPU device counts as "the device" (``meta`` stands in for CUDA on a CPU machine)."""
+    name = getattr(func, "__name__", str(func))
+    if name.startswith("_to_copy"):
+        src, dst = args[0].device, kwargs.get("device") or args[0].device
+        non_blocking = kwargs.get("non_blocking", False)
+    elif name.startswith("copy_"):
+        dst, src = args[0].device, args[1].device
+        non_blocking = args[2] if len(args) > 2 else kwargs.get("non_blocking", False)
+    else:
+        return None
+    if (src.type == "cpu") == (dst.type == "cpu"):
+        return None
+    if dst.type == "cpu":
+        return "d2h"
+    return None if non_blocking else "h2d"
+
+
+class CopyCount(TorchDispatchMode):
+    """Counts blocking host<->device copies (``blocking_copy``); on meta a device-to-host copy cannot run,
+    so it is counted and replaced by an empty CPU tensor of the result's shape."""
+
+    def __init__(self):
+        super().__init__()
+        self.copies: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        kind = blocking_copy(func, args, kwargs)
+        if kind is not None:
+            self.copies.append(f"{kind} {func}")
+            if kind == "d2h" and args[0].device.type == "meta" and func.__name__.startswith("_to_copy"):
+                return torch.empty(args[0].shape, dtype=kwargs.get("dtype") or args[0].dtype)
+        return func(*args, **kwargs)
+
+
+def test_blocking_copies_are_classified_by_direction_and_non_blocking():
+    """The counter's rules on CPU and meta tensors (meta plays the GPU): what it must count and what not."""
+    host, dev = torch.zeros(3), torch.empty(3, device="meta")
+    with CopyCount() as counted:
+        dev.cpu()  # d2h
+        host.to("meta")  # h2d, blocking
+        host.to("meta", non_blocking=True)  # h2d queued: not counted
+        host.clone(), dev.clone(), host.to(torch.float64)  # same device: not copies between devices
+        dev.copy_(host)  # h2d, blocking
+        dev.copy_(host, non_blocking=True)
+    assert [c.split()[0] for c in counted.copies] == ["d2h", "h2d", "h2d"], counted.copies
+
+
+def _switchlora_steps(pool_device: str) -> list[str]:
+    from steptitan.peft import StepContext
+    from steptitan.registry import PEFT
+
+    shape = ModelShape(dim=16, n_layers=2, n_heads=2, n_kv_heads=2, vocab_size=32, ffn_hidden=24, max_seq_len=16)
+    cls = PEFT.get("switchlora")
+    method = cls(cls.Options(rank=4, interval0=0.5, freeze_steps=2, pool_size=6), layers=[0, 1])
+    model = build_model(shape)  # meta plays the GPU
+    method.apply(model)
+    method.init_weights(model)
+    if pool_device == "cpu":  # meta values cannot be copied out: pools in host memory of the same shapes
+        method.options.pool_device = "cpu"
+        method.pools = {n: {k: torch.zeros(t.shape) for k, t in p.items()} for n, p in method.pools.items()}
+    opt_cls, extra = method.optimizer_class(model)
+    params = [p for n, p in model.named_parameters() if "lora_" in n]
+    optimizer = opt_cls(params, lr=1e-3, **extra)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    with CopyCount() as counted:
+        for step in range(1, 5):
+            ctx = StepContext(step, model, optimizer, seed=0, total_steps=4)
+            method.before_optimizer_step(ctx)
+            optimizer.step()
+            method.after_optimizer_step(ctx)
+    assert method.switches > 0
+    return counted.copies
+
+
+def test_switchlora_pools_on_the_device_by_default_make_no_blocking_copy():
+    """Item 4: with the pools in host memory (``pool_device = "cpu"``) every switched vector went host ->
+    device and back, blocking; the default (``auto``: the device) switches without a blocking copy."""
+    assert _switchlora_steps("auto") == []
+    host = _switchlora_steps("cpu")
+    assert any(c.startswith("d2h") for c in host), host  # the counter sees what the old default did
+
+
+def test_apex_forward_and_scoring_make_no_blocking_copy():
+    """Item 4: APEX copied ``apex_rows`` to the device in every adapted forward and its scoring hooks
+    read activations to the host; both now stay on the device (meta plays the GPU)."""
+    from steptitan.registry import PEFT
+
+    shape = ModelShape(dim=32, n_layers=2, n_heads=4, n_kv_heads=4, vocab_size=64, ffn_hidden=64, max_seq_len=16)
+    cls = PEFT.get("apex")
+    method = cls(cls.Options(score_steps=1), layers=[1])
+    model = build_model(shape)
+    method.apply(model)
+    method.init_weights(model)  # attaches the scoring hooks
+    tokens = torch.zeros(2, 16, dtype=torch.long, device="meta")
+    with CopyCount() as scoring:
+        model(tokens)
+    method.finish_scoring(model)  # once per stage: the all-reduce and ranking
+    with CopyCount() as expanding:
+        model(tokens)
+    assert scoring.copies == [] and expanding.copies == [], (scoring.copies, expanding.copies)
+
+
 # --------------------------------------------------------------------------- the trainer on 2 gloo ranks (3, 4, 5)
 
 

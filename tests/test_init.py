@@ -57,6 +57,7 @@ CASES["bf16"] = dict(shape_kwargs=SHAPES[0], seed=0, frozen_bf16=True)
 
 def _all_cases(env, wide: bool) -> dict:
     out = {key: _init_full(env, **case) for key, case in CASES.items()}
+    out["dealt"] = _dealt_cases(env)
     if wide:
         out["wide"] = _init_full(env, WIDE, seed=1)["full"]
     return out
@@ -118,3 +119,106 @@ def test_distributions_follow_torchtitan_stds(inits):
     for name, t in full.items():
         if "norm" in name:
             assert torch.equal(t, torch.ones_like(t)), name
+
+
+# --------------------------------------------------------------------------- initialisation at scale (issue 23, item 7)
+
+
+@torch.no_grad()
+def _reference_init(shape, seed: int) -> dict:
+    """The initialisation before issue 23 (every rank drew every unit), written out here as the reference:
+    each unit a CPU twin seeded by (seed, "init", unit prefix), initialised by torchtitan's own init_weights."""
+    from steptitan.distributed import derive_seed
+    from steptitan.model import build_model
+
+    twin = build_model(shape)
+    out = {}
+    units = [(f"layers.{j}.", block, block.init_weights) for j, block in twin.layers.items()]
+    for prefix, unit, init in units:
+        unit.to_empty(device="cpu")
+        torch.manual_seed(derive_seed(seed, "init", prefix))
+        init()
+        out.update({prefix + n: p.detach().clone() for n, p in unit.named_parameters()})
+    twin.layers = torch.nn.ModuleDict()
+    twin.to_empty(device="cpu")
+    torch.manual_seed(derive_seed(seed, "init", ""))
+    twin.init_weights(buffer_device=torch.device("cpu"))
+    out.update({n: p.detach().clone() for n, p in twin.named_parameters()})
+    return out
+
+
+def _dealt_init(env, shape_kwargs: dict, seed: int, filled: list[str]) -> dict:
+    """Full weights after init on this world, which units this rank drew, and the marker of skipped ones."""
+    import steptitan.model as model_module
+    from steptitan.distributed import full_tensor, local_tensor, shard_model
+    from steptitan.model import ModelShape, build_model, init_model_weights
+
+    shape = ModelShape(**shape_kwargs)
+    model = build_model(shape)
+    shard_model(model, env.mesh)
+    model.to_empty(device=env.device)
+    with torch.no_grad():
+        for p in model.parameters():
+            local_tensor(p).fill_(7.0)  # what growth or a load would have written
+    drawn: list[str] = []
+    real = model_module.derive_seed
+    model_module.derive_seed = lambda s, *keys: drawn.append(keys[1]) or real(s, *keys)
+    try:
+        init_model_weights(model, shape, seed, filled=filled)
+    finally:
+        model_module.derive_seed = real
+    return {"full": {n: full_tensor(p).detach().float().clone() for n, p in model.named_parameters()}, "drawn": drawn}
+
+
+def _dealt_cases(env) -> list[dict]:
+    return [_dealt_init(env, SHAPES[0], 5, []), _dealt_init(env, SHAPES[1], 6, ["layers.1.", ""])]
+
+
+def test_units_dealt_round_robin_give_todays_weights_at_one_and_two_ranks(inits):
+    """Each unit is drawn by one rank of the shard group (round robin) and scattered: the weights equal the
+    reference (every rank drawing every unit, as before) at 1 and 2 gloo ranks, each rank draws only its
+    units, and units growth or a load fills (``filled``) are neither drawn nor touched."""
+    from steptitan.model import ModelShape
+
+    one, two = inits[1][0]["dealt"], [r["dealt"] for r in inits[2]]
+    for case, (kwargs, seed, filled) in enumerate([(SHAPES[0], 5, []), (SHAPES[1], 6, ["layers.1.", ""])]):
+        reference = _reference_init(ModelShape(**kwargs), seed)
+        units = [f"layers.{j}." for j in range(kwargs["n_layers"])] + [""]
+        drawn = [u for u in units if u not in filled]
+        for results in (one, two[0], two[1]):
+            for name, full in results[case]["full"].items():
+                unit = ".".join(name.split(".")[:2]) + "." if name.startswith("layers.") else ""
+                if unit in filled:
+                    assert torch.equal(full, torch.full_like(full, 7.0)), name
+                else:
+                    assert torch.equal(full, reference[name].float()), name
+        assert one[case]["drawn"] == drawn
+        assert two[0][case]["drawn"] == drawn[0::2] and two[1][case]["drawn"] == drawn[1::2]
+
+
+@pytest.mark.slow
+def test_a_7b_shape_initialises_its_local_shards_without_the_full_model():
+    """dim 4096, 32 layers (Llama-2-7B's shape, 6.7e9 parameters, 27 GB in fp32) on meta: a stage grown
+    from 31 layers with one new block draws only that block (~0.9 GB), so the peak RSS grows by about
+    one block, not the model. (Real shards: on 2+ ranks a rank draws every W-th unit,
+    test_units_dealt_round_robin_give_todays_weights_at_one_and_two_ranks.)"""
+    import os
+
+    from steptitan.metrics import peak_rss_bytes, reset_peak_rss
+    from steptitan.model import ModelShape, build_model, init_model_weights, init_units
+    from steptitan.registry import GROWTH
+
+    big = ModelShape(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, vocab_size=32000, ffn_hidden=11008)
+    grower = GROWTH.get("interpolate")(GROWTH.get("interpolate").Options(n_new=1, position="upper", init="random"))
+    assert grower.target_shape(big.replace(n_layers=31)) == big
+    filled = grower.filled_units(big.replace(n_layers=31))
+    assert set(init_units(big)) - filled == {"layers.31."}
+    model = build_model(big)  # meta
+    if not reset_peak_rss():
+        pytest.skip("no /proc/self/clear_refs to reset the peak RSS")
+    before = int(open(f"/proc/{os.getpid()}/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    init_model_weights(model, big, seed=0, filled=filled)
+    grown = peak_rss_bytes() - before
+    block = big.layer_params() * 4
+    assert model.layers["31"].attention.wq.weight.is_meta
+    assert grown < 2.5 * block and 2.5 * block < big.num_params() * 4 / 10, (grown, block)

@@ -147,6 +147,27 @@ def test_second_launch_into_a_running_folder_is_refused_at_once(tmp_path, cache_
         first.communicate()
 
 
+def test_the_plan_fingerprint_ignores_steps_not_the_model(tmp_path):
+    """What the folder check compares (the checkpoints' plan fingerprint, steptitan/rundir.py): more steps or
+    another LR resume the same run; another PEFT rank, shape or freezing is a different plan and is refused
+    with the run folder's message. In-process, no training (the 3-run version is test_e2e's slow test)."""
+    from steptitan.plan import build_plan, plan_fingerprint
+    from steptitan.recipe import load_recipe
+    from steptitan.rundir import RunDirError, _check_fingerprint
+
+    def plans(*overrides: str):
+        return build_plan(load_recipe(REPO / "recipes" / "step.toml", [f"output_dir={tmp_path}", *overrides]))
+
+    base = plan_fingerprint(plans())
+    for same in (["stages.1.steps=7"], ["stages.0.steps=3", "stages.0.lr=0.01"]):
+        assert plan_fingerprint(plans(*same)) == base, same
+        _check_fingerprint(base, plans(*same), "output folder run")  # no error: it resumes
+    for other in (["stages.1.peft.rank=4"], ["model.dim=64"], ["stages.1.freeze=[]"]):
+        assert plan_fingerprint(plans(*other)) != base, other
+        with pytest.raises(RunDirError, match="holds checkpoints of a different stage plan"):
+            _check_fingerprint(base, plans(*other), "output folder run")
+
+
 def test_resume_path_from_another_plan_is_refused_before_any_process_group(tmp_path, cache_dir):
     other = tmp_path / "other"
     assert run(tiny_one_rank(cache_dir, other), tmp_path)[0] == 0

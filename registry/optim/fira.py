@@ -14,7 +14,7 @@ repository's torchrun_main.py): Adam moments of the projected gradient
 matrix (r' x n or m x r', on a Python projector object) and the limiter's
 last residual norm (a 0-d fp32 tensor, 4 bytes); steps are Python ints.
 Under FSDP2 it runs on DTensor gradients like ``galore`` (same <2% caveat of
-the byte count on more than one rank). Not resumable: the projector is a
+the byte count on more than one rank). The limiter runs on the device (``device_max``). Not resumable: the projector is a
 Python object DCP cannot save.
 """
 
@@ -43,6 +43,18 @@ class Fira(Galore):
                 "alpha": self.options.scale, "proj_type": "std"}
 
     def optimizer_class(self) -> type[torch.optim.Optimizer]:
-        from fira import FiraAdamW
+        from fira import FiraAdamW, fira_adamw
 
+        # The package's norm-growth limiter is ``max(ratio, 1.01) / 1.01`` with a tensor ratio: Python's max
+        # compares, i.e. calls bool() on the tensor -- a host-device sync per projected weight per step, and
+        # on a DTensor a collective first (issue 23, item 5). The same value on the device: clamp.
+        fira_adamw.max = device_max
         return FiraAdamW
+
+
+def device_max(*args: Any, **kwargs: Any) -> Any:
+    """``max`` for the fira module: ``max(tensor, number)`` -> ``tensor.clamp(min=number)`` (no host read);
+    anything else -> Python's max."""
+    if len(args) == 2 and not kwargs and torch.is_tensor(args[0]) and isinstance(args[1], (int, float)):
+        return args[0].clamp(min=args[1])
+    return max(*args, **kwargs)

@@ -105,14 +105,17 @@ class ApexLinear(nn.Linear):
         self.apex_rows: torch.Tensor | None = None  # D's rows then A's rows along the unit axis; None = not expanding
 
     def select(self, disadvantageous: torch.Tensor, advantageous: torch.Tensor) -> None:
+        """Kept on the weight's device: the forward (5 adapted linears per block, again in the recompute)
+        then indexes without a host-device copy (issue 23, item 4); this copy happens once per selection."""
         units = torch.cat([disadvantageous, advantageous])
-        self.apex_rows = (units[:, None] * self.unit + torch.arange(self.unit)).flatten()
+        rows = (units[:, None] * self.unit + torch.arange(self.unit, device=units.device)).flatten()
+        self.apex_rows = rows.to(local_tensor(self.weight).device, non_blocking=True)
 
     def effective_weight(self, weight: torch.Tensor, delta: torch.Tensor, b1: torch.Tensor, b2: torch.Tensor,
                          vec: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """W with the selected rows replaced by [vec*low + M high ; scale*high] of (W + delta)'s rows."""
         assert self.apex_rows is not None
-        rows = self.apex_rows.to(weight.device)
+        rows = self.apex_rows if self.apex_rows.device == weight.device else self.apex_rows.to(weight.device)
         n = vec.shape[0]
         w = weight.to(delta.dtype)
         if self.side == "rows":
@@ -233,12 +236,15 @@ class Apex(PeftMethod):
     # ------------------------------------------------------------------ scoring
 
     def attach_scoring(self, model: nn.Module) -> None:
+        # votes live on the device: a scoring hook then never copies to the host (issue 23, item 4)
+        device = local_tensor(next(model.parameters())).device
         for j in self.layers:
             block = model.layers[str(j)]
             units = unit_counts(block)
             for family in self.families:
                 n_units = units[family][0]
-                self.counts.setdefault(f"{j}.{family}", torch.zeros(n_units, dtype=torch.float64))
+                key = f"{j}.{family}"
+                self.counts[key] = self.counts.get(key, torch.zeros(n_units, dtype=torch.float64)).to(device)
             for path in sorted({SCORED_BY[f] for f in self.families}):
                 fams = [f for f in self.families if SCORED_BY[f] == path]
                 self.handles.append(block.get_submodule(path).register_forward_pre_hook(self._vote_hook(j, fams, units)))
@@ -251,11 +257,12 @@ class Apex(PeftMethod):
                 return
             for family in families:
                 n_units = units[family][0]
-                energy = unit_energy(args[0], family, n_units).cpu()
+                energy = unit_energy(args[0], family, n_units)
                 k = self.k_of(family, n_units)
                 counts = self.counts[f"{layer}.{family}"]
-                counts.index_add_(0, torch.topk(energy, k).indices, torch.ones(k, dtype=torch.float64))
-                counts.index_add_(0, torch.topk(-energy, k).indices, -torch.ones(k, dtype=torch.float64))
+                ones = torch.ones(k, dtype=torch.float64, device=counts.device)
+                counts.index_add_(0, torch.topk(energy, k).indices.to(counts.device), ones)
+                counts.index_add_(0, torch.topk(-energy, k).indices.to(counts.device), -ones)
         return hook
 
     def finish_scoring(self, model: nn.Module, optimizer: Any = None) -> None:
@@ -267,7 +274,7 @@ class Apex(PeftMethod):
             device = local_tensor(next(model.parameters())).device
             reduced = total.to(device)
             dist.all_reduce(reduced)
-            total = reduced.cpu()
+            total = reduced  # ranked on the device (once per stage; the selection stays there)
         offset = 0
         for key in keys:
             n = self.counts[key].numel()
@@ -334,12 +341,14 @@ class Apex(PeftMethod):
         return max(per_layer.values(), default=0) if checkpointing else sum(per_layer.values())
 
     def state_dict(self) -> dict[str, Any]:
-        return {"scored": self.scored, "counts": dict(self.counts), "selection": dict(self.selection)}
+        return {"scored": self.scored, "counts": {k: v.cpu() for k, v in self.counts.items()},
+                "selection": {k: v.cpu() for k, v in self.selection.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not state:
             return
-        self.counts = {k: v.clone() for k, v in state["counts"].items()}
+        here = {k: v.device for k, v in self.counts.items()}  # the scoring hooks' device, when attached
+        self.counts = {k: v.clone().to(here.get(k, v.device)) for k, v in state["counts"].items()}
         self.selection = {k: v.clone() for k, v in state["selection"].items()}
         self.scored = bool(state["scored"])
         if self.scored and self.model is not None:
