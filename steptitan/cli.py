@@ -57,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             launch(nproc, rest)  # does not return
         return train_main(rest)
     if command == "plan":
-        from steptitan.planner import plan_cli
+        from steptitan.planner_cli import plan_cli
 
         return plan_cli(rest)
     if command == "sweep":
