@@ -63,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return prepare_main(rest)
     if command == "plan":
-        from steptitan.planner import plan_cli
+        from steptitan.planner_cli import plan_cli
 
         return plan_cli(rest)
     if command == "sweep":

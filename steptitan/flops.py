@@ -4,7 +4,7 @@
 micro-batch, and ``flops_per_token`` counts forward + backward matmul FLOPs;
 both know which layers need weight gradients and which only pass activation
 gradients (frozen layers below every trainable parameter record nothing).
-They build on the parameter inventory of steptitan/memory.py (``ParamSpec``).
+They build on the parameter inventory of steptitan/inventory.py (``ParamSpec``).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
-from steptitan.memory import BYTES, ParamSpec, Precision, param_specs
+from steptitan.inventory import BYTES, ParamSpec, Precision, param_specs
 from steptitan.model import ModelShape, base_param_names
 
 

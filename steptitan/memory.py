@@ -12,8 +12,10 @@ Two views (docs/benchmark.md, "Memory model"):
    methods.md): stage i = 16 n_i P + 2 N_{i-1} P + 16 N_{i-1} E(P), with
    embeddings and LM head left out. Kept to compare against.
 
-Activation and FLOP estimates are in steptitan/flops.py; the stage-split
-search that queries this model (``steptitan plan``) is steptitan/planner.py.
+The parameter inventory and precision policies both count from are in
+steptitan/inventory.py (re-exported here); activation and FLOP estimates are in
+steptitan/flops.py, which this module builds on; the stage-split search that
+queries this model (``steptitan plan``) is steptitan/planner.py.
 """
 
 from __future__ import annotations
@@ -25,51 +27,10 @@ from typing import Any, Iterable, Mapping, Sequence
 from torch import nn
 
 from steptitan.distributed import local_shape
+from steptitan.flops import activation_bytes, first_grad_layer, overhead_bytes
+from steptitan.inventory import BYTES, PRECISIONS, ParamSpec, Precision, param_specs  # noqa: F401  (re-exported)
 from steptitan.model import base_param_names
 from steptitan.peft import PeftMethod
-
-BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-
-# --------------------------------------------------------------------------- policies
-
-
-@dataclass(frozen=True)
-class Precision:
-    """Where bytes go per parameter.
-
-    ``compute`` is FSDP2's all-gather/compute dtype (training.dtype). Trainable
-    shards, their gradients and optimizer state are always fp32 (master weights:
-    FSDP2 keeps the sharded parameter in its original dtype and reduces
-    gradients in fp32). ``frozen`` is the storage dtype of frozen weights
-    (training.frozen_dtype): the STEP paper's mixed-precision policy keeps them
-    in bf16 only, 2 bytes per parameter.
-    """
-
-    compute: str = "float32"
-    frozen: str = "float32"
-
-    @property
-    def name(self) -> str:
-        for key, value in PRECISIONS.items():
-            if value == self:
-                return key
-        return f"{self.compute}/{self.frozen}"
-
-    @classmethod
-    def from_training(cls, training: Any) -> "Precision":
-        """training.dtype "auto" resolves for the device the backend runs on (steptitan/device.py)."""
-        from steptitan.device import compute_dtype_name, device_type_for
-
-        compute = compute_dtype_name(training.dtype, device_type_for(getattr(training, "backend", "auto")))
-        return cls(compute, getattr(training, "frozen_dtype", "float32"))
-
-
-PRECISIONS = {
-    "fp32": Precision("float32", "float32"),
-    "bf16": Precision("bfloat16", "float32"),  # bf16 compute, fp32 master/grads/Adam, fp32 frozen
-    "paper": Precision("bfloat16", "bfloat16"),  # STEP's policy: frozen weights in bf16 only (2 B)
-}
-
 
 OPTIMIZER_GROUPS = ("old", "new", "embeddings", "head", "adapters")
 
@@ -112,34 +73,6 @@ class OptimizerSpec:
         SwitchLoRA's AdamWSliceSteps keeps one per row or column)."""
         return int(self.plugin(spec.group).state_bytes(spec.name, tuple(local_shape), spec.shape, world_size,
                                                        step_slices))
-
-
-# --------------------------------------------------------------------------- parameter inventories
-
-
-@dataclass(frozen=True)
-class ParamSpec:
-    name: str
-    shape: tuple[int, ...]
-    trainable: bool
-    group: str  # old | new | embeddings | head | adapters
-    step_dim: int | None = None  # per-slice optimizer step counts along this dim (SwitchLoRA), None = scalar
-
-
-def param_specs(model: nn.Module, old_layers: set[int] | None = None, base_names: set[str] | None = None) -> list[ParamSpec]:
-    """One entry per distinct parameter of a (meta) model, tied weights counted once."""
-    from steptitan.model import layer_group_of
-
-    old_layers = old_layers or set()
-    seen: set[int] = set()
-    out = []
-    for name, p in model.named_parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        group = layer_group_of(name, old_layers) if base_names is None or name in base_names else "adapters"
-        out.append(ParamSpec(name, tuple(p.shape), p.requires_grad, group))
-    return out
 
 
 MEMORY_KEYS = ("params_trainable", "params_frozen", "grads", "optimizer", "adapter_pools", "model_states")
@@ -231,7 +164,6 @@ def predict_stage(plan: Any, world_size: int, training: Any) -> StageMemory:
 
     ``world_size`` is the shard degree: the world size under plain FSDP2, parallel.dp_shard under HSDP."""
     from steptitan.device import attention_kernel, device_type_for
-    from steptitan.flops import activation_bytes, first_grad_layer, overhead_bytes  # flops.py builds on ParamSpec
 
     precision, optimizer = Precision.from_training(training), OptimizerSpec.from_plan(plan)
     device_type = device_type_for(getattr(training, "backend", "auto"))

@@ -265,13 +265,3 @@ def schedule_recipe(shape: ModelShape, layers: Sequence[int], peft: dict[str, An
            **({"parallel": parallel} if parallel else {}), "stages": stages}
     return (f"# Written by `steptitan plan`: a {len(layers)}-stage split {list(layers)} of {shape.n_layers} layers.\n"
             + tomli_w.dumps(doc))
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def plan_cli(argv: Sequence[str] | None = None) -> int:
-    """``steptitan plan`` (steptitan/planner_cli.py, which holds the command line)."""
-    from steptitan.planner_cli import plan_cli as main
-
-    return main(argv)

@@ -336,7 +336,7 @@ def recipe_from_dict(data: dict[str, Any]) -> Recipe:
     errors: list[str] = []
     rejected: set[str] = set()  # paths whose values were rejected; they hold defaults now
     if isinstance(data.get("model"), dict) and data["model"].get("init_from"):
-        from steptitan.hf import apply_init_from  # the shape (and tokenizer) of an HF folder
+        from steptitan.hf_config import apply_init_from  # the shape (and tokenizer) of an HF folder
 
         data = apply_init_from(data, errors)
     recipe = build_dataclass(Recipe, data, "", errors, rejected)

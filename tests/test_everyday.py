@@ -304,7 +304,7 @@ def generate(*args: str) -> subprocess.CompletedProcess:
 def test_generate_from_run_matches_a_reference_greedy_loop_and_the_stage_end_samples(run):
     import torch
 
-    from steptitan.export import find_checkpoint, find_tokenizer, load_stage_model, recipe_for
+    from steptitan.export import find_checkpoint, find_tokenizer, load_merged_model, recipe_for
 
     run_dir, out, _ = run
     texts = []
@@ -317,7 +317,7 @@ def test_generate_from_run_matches_a_reference_greedy_loop_and_the_stage_end_sam
     # reference: argmax of the full-context logits, token by token, written here
     info = find_checkpoint(run_dir)
     recipe = recipe_for(info)
-    plan, model = load_stage_model(recipe, info)
+    plan, model = load_merged_model(recipe, info)  # what generate samples: the adapters merged, as export writes
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(find_tokenizer(recipe)))

@@ -115,7 +115,7 @@ def test_predicted_per_rank_bytes_follow_the_shard_degree(tmp_path):
 
 
 def test_planner_flags_give_per_rank_bytes_of_the_shard_degree(capsys):
-    from steptitan.planner import plan_cli
+    from steptitan.planner_cli import plan_cli
 
     def table(*flags: str) -> list[str]:
         assert plan_cli(["--dim", "256", "--layers", "6", "-K", "2", "--vocab", "1000", "--top", "2", *flags]) == 0

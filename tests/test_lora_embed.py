@@ -355,7 +355,8 @@ def test_planner_counts_embedding_options_as_the_written_recipe_builds(tmp_path_
     from steptitan.memory import PRECISIONS, OptimizerSpec, predict_recipe
     from steptitan.optim import resolve_assignment
     from steptitan.plan import build_plan
-    from steptitan.planner import layer_inventory, plan_cli, plan_splits
+    from steptitan.planner import layer_inventory, plan_splits
+    from steptitan.planner_cli import plan_cli
     from steptitan.recipe import load_recipe
 
     if tie and head_only:
@@ -388,7 +389,8 @@ def test_planner_counts_embedding_options_as_the_written_recipe_builds(tmp_path_
 
 
 def test_planner_flags_refuse_unclear_embedding_options(capsys):
-    from steptitan.planner import layer_inventory, plan_cli, split_memory
+    from steptitan.planner import layer_inventory, split_memory
+    from steptitan.planner_cli import plan_cli
 
     base = ["--dim", "32", "--layers", "4", "--heads", "2", "--vocab", "301", "--ffn", "48", "-K", "2", "--seq-len", "16"]
     with pytest.raises(SystemExit, match="--freeze-embeddings-after"):

@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 
 from steptitan.memory import PRECISIONS, OptimizerSpec, predict_recipe
 from steptitan.model import ModelShape
-from steptitan.planner import largest_fitting, layer_inventory, plan_cli, plan_splits
+from steptitan.planner import largest_fitting, layer_inventory, plan_splits
+from steptitan.planner_cli import plan_cli
 from steptitan.plan import build_plan
 from steptitan.recipe import load_recipe
 
