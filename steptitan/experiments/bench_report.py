@@ -340,7 +340,8 @@ def write_summary(results_dir: Path, out: Path, header: str) -> Path:
         data = json.loads(path.read_text())
         rows += data["targets"]
         links.append(f"- [{data['tag']}](docs/bench/{data['tag']}.md): `{data['command']}`")
-    lines = ["# Benchmarks", "", "Every figure below comes from the per-corpus reports linked here, each made by "
+    lines = ["# Benchmarks", "", "Command: `steptitan bench --summary` (this page, from `docs/bench/results/*.json` and "
+             "`docs/bench/notes/summary.md`).", "", "Every figure below comes from the per-corpus reports linked here, each made by "
              "`steptitan bench` under the protocol of [docs/benchmark.md](docs/benchmark.md) (\"Protocol\"): tuned "
              "baselines, choices on a selection slice only, fresh report seeds, the one-sided 95% bound.", "",
              "## Targets", ""] + targets_table(rows) + ["", "Reports:", ""] + links + [""]
