@@ -287,3 +287,20 @@ def test_tune_variants_run_at_the_best_lr_and_warmup_and_can_win(tmp_path):
     (tmp_path / "v.toml").write_text('[vanilla]\n"a,b" = { "training.beta2" = 0.99 }\n')
     with pytest.raises(ValueError, match="may not contain"):
         tuning.read_variants(str(tmp_path / "v.toml"))
+
+
+def test_summary_collects_every_reports_targets(tmp_path):
+    import json
+
+    from steptitan.experiments.bench_report import write_summary
+
+    results = tmp_path / "results"
+    results.mkdir()
+    for tag, met in (("kjv-1M", "no"), ("wikitext-2-1M", "yes")):
+        (results / f"{tag}.json").write_text(json.dumps({"tag": tag, "command": f"steptitan bench ({tag})", "targets": [
+            {"tag": tag, "row": "step3", "measure": "m", "target": "<= 1.01", "value": "1.0", "met": met}]}))
+    out = write_summary(results, tmp_path / "B.md", "## notes\n")
+    text = out.read_text()
+    assert "| kjv-1M | step3 | m | <= 1.01 | 1.0 | **no** |" in text
+    assert "| wikitext-2-1M | step3 | m | <= 1.01 | 1.0 | yes |" in text
+    assert "[kjv-1M](docs/bench/kjv-1M.md): `steptitan bench (kjv-1M)`" in text and text.endswith("## notes\n")
