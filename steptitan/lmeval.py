@@ -49,7 +49,7 @@ def evaluate_folder(hf_dir: Path, tasks: list[str], include_path: str | None, li
         raise EvalError(f"unknown lm-eval task(s) {', '.join(unknown)}"
                         + ("" if include_path else f" (the offline tasks need --include-path {REPO_TASKS.name})"))
     lm = HFLM(pretrained=str(hf_dir), tokenizer=str(hf_dir), batch_size=batch_size, device=device,
-              dtype="float32", trust_remote_code=False)
+              dtype="float32", trust_remote_code=False, add_bos_token=False)  # steptitan trains without BOS
     return simple_evaluate(model=lm, tasks=tasks, limit=limit, task_manager=manager, log_samples=False,
                            bootstrap_iters=0)
 
