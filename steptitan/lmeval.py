@@ -60,12 +60,13 @@ def evaluate_folder(hf_dir: Path, tasks: list[str], include_path: str | None, li
 
 
 def scalars(results: dict[str, Any]) -> dict[str, float]:
-    """``{"task/metric": value}`` of every numeric, non-stderr score (lm-eval names them ``metric,filter``)."""
+    """``{"task/metric": value}`` of every score, without stderrs and counts (lm-eval names them ``metric,filter``)."""
     out = {}
     for task, metrics in results.get("results", {}).items():
         for key, value in metrics.items():
             name = key.split(",")[0]
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and "stderr" not in name:
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and "stderr" not in name \
+                    and name != "sample_len":  # lm-eval's example count, in n_samples
                 out[f"{task}/{name}"] = float(value)
     return out
 

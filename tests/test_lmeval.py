@@ -56,7 +56,7 @@ def test_scores_are_flattened_without_stderr():
     from steptitan.lmeval import scalars
 
     results = {"results": {"kjv_cloze": {"alias": "kjv_cloze", "acc,none": 0.25, "acc_stderr,none": "N/A",
-                                         "perplexity,none": 812.5}}}
+                                         "perplexity,none": 812.5, "sample_len": 12}}}
     assert scalars(results) == {"kjv_cloze/acc": 0.25, "kjv_cloze/perplexity": 812.5}
 
 
