@@ -32,10 +32,12 @@ def settings_lines(recipe: Recipe, world_size: int) -> list[str]:
     if d.files:
         source = f"{len(d.files)} file(s): {', '.join(d.files[:3])}{' ...' if len(d.files) > 3 else ''}"
     elif d.hub:
-        source = f"hub dataset {d.hub!r} (needs network; not checked here)"
+        source = f"hub dataset {d.hub!r}, streamed (a hub name needs network; not checked here)"
+    elif d.tokens:
+        source = f"given tokens {d.tokens!r} ({d.tokens_dtype} if a .bin; not tokenized)"
     else:
         source = "the embedded stdlib-docs corpus"
-    val = f"val: {', '.join(d.val_files)}" if d.val_files else f"val: the last {d.val_fraction:g} of the tokens"
+    val = f"val: {', '.join(d.val_files or [d.val_tokens or ''])}" if d.val_files or d.val_tokens else f"val: the last {d.val_fraction:g} of the tokens"
     tok = f"tokenizer {d.tokenizer}" if d.tokenizer else f"a BPE trained on the corpus (vocab {recipe.model.vocab_size:,})"
     tokens = world_size * t.batch_size * t.grad_accum * t.seq_len
     lines = [f"recipe {recipe.name!r} -> {recipe.run_dir}",

@@ -37,8 +37,12 @@ def run_folder_of(checkpoint: Path) -> Path:
 
 
 def evaluate_folder(hf_dir: Path, tasks: list[str], include_path: str | None, limit: int | None,
-                    batch_size: int, device: str) -> dict[str, Any]:
-    """lm-eval's ``simple_evaluate`` with ``HFLM`` on a local HF folder (model and tokenizer)."""
+                    batch_size: int, device: str, max_length: int | None = None) -> dict[str, Any]:
+    """lm-eval's ``simple_evaluate`` with ``HFLM`` on a local HF folder (model and tokenizer).
+
+    ``max_length``: HFLM left-truncates context + continuation to it; None = config.json's
+    max_position_embeddings, which for llama3 rope scaling is the scaled context, far beyond
+    the sequence length a steptitan run trained at."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -49,18 +53,20 @@ def evaluate_folder(hf_dir: Path, tasks: list[str], include_path: str | None, li
         raise EvalError(f"unknown lm-eval task(s) {', '.join(unknown)}"
                         + ("" if include_path else f" (the offline tasks need --include-path {REPO_TASKS.name})"))
     lm = HFLM(pretrained=str(hf_dir), tokenizer=str(hf_dir), batch_size=batch_size, device=device,
-              dtype="float32", trust_remote_code=False)
+              dtype="float32", trust_remote_code=False, add_bos_token=False,
+              max_length=max_length)  # steptitan trains without BOS
     return simple_evaluate(model=lm, tasks=tasks, limit=limit, task_manager=manager, log_samples=False,
                            bootstrap_iters=0)
 
 
 def scalars(results: dict[str, Any]) -> dict[str, float]:
-    """``{"task/metric": value}`` of every numeric, non-stderr score (lm-eval names them ``metric,filter``)."""
+    """``{"task/metric": value}`` of every score, without stderrs and counts (lm-eval names them ``metric,filter``)."""
     out = {}
     for task, metrics in results.get("results", {}).items():
         for key, value in metrics.items():
             name = key.split(",")[0]
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and "stderr" not in name:
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and "stderr" not in name \
+                    and name != "sample_len":  # lm-eval's example count, in n_samples
                 out[f"{task}/{name}"] = float(value)
     return out
 
@@ -107,7 +113,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not (hf_dir / "tokenizer.json").is_file():
                 raise EvalError(f"the tokenizer of {info.path} was not found (data.tokenizer or the cached BPE); "
                                 f"lm-eval needs it")
-            results = evaluate_folder(hf_dir, tasks, args.include_path, args.limit, args.batch_size, args.device)
+            trained = json.loads((hf_dir / "steptitan_export.json").read_text())["trained_seq_len"]
+            results = evaluate_folder(hf_dir, tasks, args.include_path, args.limit, args.batch_size, args.device,
+                                      max_length=trained)
     except (EvalError, ExportError, RecipeError, FileNotFoundError) as exc:
         print(f"steptitan eval: error: {exc}", file=sys.stderr)
         return 2
@@ -116,6 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     values = scalars(results)
     record = {"checkpoint": str(info.path.resolve()), "stage": info.stage, "step": info.step,
               "global_step": info.meta.get("global_step"), "tasks": tasks, "limit": args.limit,
+              "max_length": trained,
               "scores": values, "results": results.get("results", {}), "n_samples": results.get("n-samples", {}),
               "versions": results.get("versions", {}), "lm_eval": _version()}
     out.parent.mkdir(parents=True, exist_ok=True)

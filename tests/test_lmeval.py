@@ -56,7 +56,7 @@ def test_scores_are_flattened_without_stderr():
     from steptitan.lmeval import scalars
 
     results = {"results": {"kjv_cloze": {"alias": "kjv_cloze", "acc,none": 0.25, "acc_stderr,none": "N/A",
-                                         "perplexity,none": 812.5}}}
+                                         "perplexity,none": 812.5, "sample_len": 12}}}
     assert scalars(results) == {"kjv_cloze/acc": 0.25, "kjv_cloze/perplexity": 812.5}
 
 
@@ -108,7 +108,8 @@ def test_eval_of_a_tiny_run_matches_loglikelihoods_by_hand(tmp_path):
     plan, model = load_stage_model(recipe, info)  # LoRA adapters in place: steptitan's own forward
     model.eval()
     tok = Tokenizer.from_file(str(find_tokenizer(recipe)))
-    max_length = plan.shape.max_seq_len  # the export's max_position_embeddings (no rope scaling): HFLM's max_length
+    max_length = recipe.training.seq_len  # steptitan eval gives HFLM the trained sequence length
+    assert record["max_length"] == 64
 
     cloze = [_loglikelihood(model, tok, " ".join(r["text"].split(" ")[:-1]), " " + r["text"].split(" ")[-1], max_length)
              for r in _rows("kjv_cloze")[:limit]]

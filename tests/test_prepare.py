@@ -98,7 +98,7 @@ def test_workers_give_the_bytes_of_one_process_and_training_reads_the_prepared_c
                  "model.vocab_size=400", "data.max_chars=0"]
     out = subprocess.run([sys.executable, "-m", "steptitan", "prepare", "recipes/step.toml", *overrides,
                           "--workers", "2", "--piece-chars", "20000"],
-                         cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                         cwd=REPO, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
     assert "tokens/s" in out.stderr and "tokenizing" in out.stderr  # the tqdm bar
     ref = _reference_tokens(docs, tokenizer_json)
