@@ -328,8 +328,8 @@ def test_two_by_two_mesh_helpers_and_gradient_average():
             assert growth[width] == shard_group, (width, growth[width])  # gathers within the shard group only
         assert growth["interpolate"] == [], growth["interpolate"]  # depth growth: shard-local
         # the dealt init: the single-process weights on every rank (each replica's shard group deals the units)
-        for name, full in out["init"]["full"].items():
-            assert torch.equal(full, reference_init[name]), (r, name)
+        for name, weight in out["init"]["full"].items():
+            assert torch.equal(weight, reference_init[name]), (r, name)
 
 
 # --------------------------------------------------------------------------- slow: real runs, 4 gloo ranks
