@@ -60,13 +60,30 @@ def _evaluate_fixed_weights(env, recipe_dict):
     return val, reference
 
 
+LR, WARMUP, TOTAL, FLOOR = 1e-3, 3, 6, 0.1
+
+
+def _one_rank_runs(env, eval_dict, lr_dict):
+    return _evaluate_fixed_weights(env, eval_dict), _logged_lrs(env, lr_dict)
+
+
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory):
+    """Both tests' one-rank runs in one spawned process (issue 23 item 10: a spawn costs seconds of imports)."""
+    tmp = tmp_path_factory.mktemp("evallr")
+    eval_dict = _recipe_dict(str(tmp / "eval"), eval_batches=3)
+    lr_dict = _recipe_dict(str(tmp / "lr"), lr=LR, warmup_steps=WARMUP, decay_type="linear", min_lr_factor=FLOOR,
+                           steps_per_log=1, eval_batches=1)
+    (result,) = run_distributed(_one_rank_runs, 1, eval_dict=eval_dict, lr_dict=lr_dict)
+    return {"eval": result[0], "lr": result[1], "eval_dict": eval_dict}
+
+
 @pytest.mark.dist
-def test_val_loss_is_the_same_on_1_and_2_ranks(tmp_path):
+def test_val_loss_is_the_same_on_1_and_2_ranks(one_rank):
     """Issue 11: eval_batches counted batches per rank, so 2 ranks evaluated twice the blocks of 1 rank.
     eval_batches=3, batch 4: 12 blocks; on 2 ranks 2 rounds of 2 x 4 slots, the last 4 padding."""
-    d = _recipe_dict(str(tmp_path / "run"), eval_batches=3)
-    (one, reference), = run_distributed(_evaluate_fixed_weights, 1, recipe_dict=d)
-    two = run_distributed(_evaluate_fixed_weights, 2, recipe_dict=d)
+    one, reference = one_rank["eval"]
+    two = run_distributed(_evaluate_fixed_weights, 2, recipe_dict=one_rank["eval_dict"])
     assert two[0][0] == two[1][0]  # all-reduced: every rank reports the same
     assert one == pytest.approx(reference, rel=1e-6, abs=1e-6)
     assert two[0][0] == pytest.approx(one, rel=1e-6, abs=1e-6)
@@ -95,16 +112,14 @@ def _logged_lrs(env, recipe_dict):
     return logged, used
 
 
-def test_logged_lr_is_the_lr_the_step_used(tmp_path):
+def test_logged_lr_is_the_lr_the_step_used(one_rank):
     """Issue 11: the scheduler stepped before log_step read it, so step s logged step s+1's LR. The logged LR
     must be the one in the optimizers' param groups when step s's optimizer.step() ran, and its values
     come from the schedule's definition (torchtitan 0.2.2: linear warm-up, one stable step, then
     linear decay to min_lr_factor over T - W steps), 1-based: step s <= W runs at lr s / W, step W + 1 at lr,
     step s > W + 1 at lr (f + (1 - f)(1 - (s - W - 1) / (T - W)))."""
-    lr, warmup, total, floor = 1e-3, 3, 6, 0.1
-    d = _recipe_dict(str(tmp_path / "run"), lr=lr, warmup_steps=warmup, decay_type="linear", min_lr_factor=floor,
-                     steps_per_log=1, eval_batches=1)
-    (logged, used), = run_distributed(_logged_lrs, 1, recipe_dict=d)
+    lr, warmup, total, floor = LR, WARMUP, TOTAL, FLOOR
+    logged, used = one_rank["lr"]
     assert sorted(used) == list(range(1, total + 1))
     for s in range(1, total + 1):  # the logged LR is the one the optimizer stepped with
         assert used[s] == {logged[s]}, (s, logged[s], used[s])

@@ -214,7 +214,24 @@ def _hsdp_helpers(env):
     out["placements"] = [type(p).__name__ for p in lin.weight.placements]
     out["grad"] = lin.weight.grad.full_tensor().tolist()
     out["growth"] = _growth_on_hsdp(env)
+    out["init"] = _init_on_hsdp(env)
     return out
+
+
+INIT_SHAPE = dict(dim=8, n_layers=3, n_heads=2, n_kv_heads=1, vocab_size=23, ffn_hidden=12, max_seq_len=16)
+
+
+def _init_on_hsdp(env) -> dict:
+    """The dealt initialisation (issue 23, item 7) on the 2 x 2 mesh: the full weights."""
+    from steptitan.distributed import full_tensor, shard_model
+    from steptitan.model import ModelShape, build_model, init_model_weights
+
+    shape = ModelShape(**INIT_SHAPE)
+    model = build_model(shape)
+    shard_model(model, env.mesh)
+    model.to_empty(device="cpu")
+    init_model_weights(model, shape, seed=9)
+    return {"full": {n: full_tensor(p).detach().clone() for n, p in model.named_parameters()}}
 
 
 # (operator, options) grown on 2 x 2 and compared with the same growth in one process: width growth
@@ -281,7 +298,12 @@ def _growth_on_hsdp(env) -> dict:
 def test_two_by_two_mesh_helpers_and_gradient_average():
     from torch import nn
 
+    from steptitan.model import ModelShape, build_model, init_model_weights
+
     results = run_distributed(_hsdp_helpers, 4)
+    reference = build_model(ModelShape(**INIT_SHAPE), "cpu")
+    init_model_weights(reference, ModelShape(**INIT_SHAPE), seed=9)  # one process: every unit drawn here
+    reference_init = {n: p.detach() for n, p in reference.named_parameters()}
     torch.manual_seed(0)
     ref = nn.Linear(3, 5)
     grads = []
@@ -305,6 +327,9 @@ def test_two_by_two_mesh_helpers_and_gradient_average():
         for width in ("bert2bert", "bert2bert-aki", "lemon"):
             assert growth[width] == shard_group, (width, growth[width])  # gathers within the shard group only
         assert growth["interpolate"] == [], growth["interpolate"]  # depth growth: shard-local
+        # the dealt init: the single-process weights on every rank (each replica's shard group deals the units)
+        for name, weight in out["init"]["full"].items():
+            assert torch.equal(weight, reference_init[name]), (r, name)
 
 
 # --------------------------------------------------------------------------- slow: real runs, 4 gloo ranks
