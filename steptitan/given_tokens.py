@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from steptitan.corpus import DataError
-from steptitan.data import EOS_TOKEN, PreparedData, _digest, _locked, _progress, load_tokenizer
+from steptitan.token_cache import EOS_TOKEN, PreparedData, _digest, _locked, _progress, load_tokenizer
 from steptitan.recipe import DataConfig
 
 _SCAN = 1 << 24  # ids per chunk when checking a .bin's largest id (64 MiB of uint32)

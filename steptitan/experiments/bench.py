@@ -530,7 +530,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if "throughput" in parts:
                 from steptitan.experiments.throughput import run_throughput
 
-                meta["throughput"] = run_throughput(args, shape)
+                van = recipe_file("vanilla")  # vanilla on the final shape, the data of the quality runs
+                over = {**common(args), **shape.overrides(), **layer_overrides(van, shape), "overwrite": True}
+                meta["throughput"] = run_throughput(args, shape, over, van)
         except (runner.Interrupted, KeyboardInterrupt) as exc:
             print(f"bench: stopped by {exc or 'SIGINT'}; run the same command again to continue", file=sys.stderr)
             return 130

@@ -7,11 +7,11 @@ import argparse
 import json
 import socket
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from steptitan.experiments import runner
-from steptitan.experiments.bench import BenchError, BenchShape, common, layer_overrides, log, recipe_file
 from steptitan.experiments.report import read_summary
 from steptitan.experiments.spec import Run, resolved_recipe
 
@@ -22,7 +22,15 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_throughput(args: argparse.Namespace, shape: BenchShape) -> dict[str, Any]:
+class ThroughputError(RuntimeError):
+    """A throughput run failed; the message names its log."""
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def run_throughput(args: argparse.Namespace, shape: Any, over: dict[str, Any], van: Path) -> dict[str, Any]:
     """Interleaved steptitan-vanilla / bare-FSDP2 runs of the shape's final model, then one alternating-step run."""
     from steptitan.data import prepare_data
     from steptitan.experiments.spec import recipe_toml
@@ -30,8 +38,6 @@ def run_throughput(args: argparse.Namespace, shape: BenchShape) -> dict[str, Any
 
     folder = Path(args.runs).resolve() / "throughput"
     folder.mkdir(parents=True, exist_ok=True)
-    van = recipe_file("vanilla")
-    over = {**common(args), **shape.overrides(), **layer_overrides(van, shape), "overwrite": True}
     data_dict = resolved_recipe(Run("t", {}, over, recipe=van, base_dir=Path.cwd()))
     recipe = recipe_from_dict(data_dict)
     data = prepare_data(recipe.data, recipe.model.vocab_size)
@@ -50,7 +56,7 @@ def run_throughput(args: argparse.Namespace, shape: BenchShape) -> dict[str, Any
                 code, wall = runner.run_logged(cmd, folder / f"bare_{k}.log", folder)
                 res = json.loads(res_path.read_text()) if code == 0 else None
                 if res is None:
-                    raise BenchError(f"bare FSDP2 run failed; see {folder / f'bare_{k}.log'}")
+                    raise ThroughputError(f"bare FSDP2 run failed; see {folder / f'bare_{k}.log'}")
                 res.update(wall_s=wall, command=" ".join(cmd))
                 out["bare"].append(res["tokens_per_s"])
                 out["bare_runs"].append(res)
@@ -63,7 +69,7 @@ def run_throughput(args: argparse.Namespace, shape: BenchShape) -> dict[str, Any
                 cmd = [*launcher, f"--master_port={_free_port()}", "-m", "steptitan.train", str(toml)]
                 code, _ = runner.run_logged(cmd, folder / f"steptitan_{k}.log", folder)
                 if code != 0:
-                    raise BenchError(f"steptitan throughput run failed; see {folder / f'steptitan_{k}.log'}")
+                    raise ThroughputError(f"steptitan throughput run failed; see {folder / f'steptitan_{k}.log'}")
                 out["steptitan"].append(read_summary(run_folder)["stages"][0]["step_tokens_per_s"])
             log(f"throughput round {k} {which}: {out[which][-1]:,.0f} tok/s")
     if args.ab_steps:
@@ -74,7 +80,7 @@ def run_throughput(args: argparse.Namespace, shape: BenchShape) -> dict[str, Any
                "--ab", str(toml)]
         code, wall = runner.run_logged(cmd, folder / "ab.log", folder)
         if code != 0:
-            raise BenchError(f"alternating-step run failed; see {folder / 'ab.log'}")
+            raise ThroughputError(f"alternating-step run failed; see {folder / 'ab.log'}")
         out["ab"] = {**json.loads(res_path.read_text()), "wall_s": wall, "command": " ".join(cmd)}
         log(f"throughput A/B: steptitan {out['ab']['steptitan_tokens_per_s']:,.0f} vs bare {out['ab']['tokens_per_s']:,.0f} tok/s")
     return out
