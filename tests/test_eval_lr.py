@@ -34,19 +34,27 @@ def _trainer(env, recipe_dict):
 
 
 @torch.no_grad()
-def _evaluate_fixed_weights(env, recipe_dict):
-    """Evaluate one set of weights, drawn here in full from a seeded generator (independent of the
-    world size and of the init code); on 1 rank also the reference: the mean per-block loss of the
-    first eval_batches x batch_size validation blocks, computed block by block."""
+def _model_with_fixed_weights(env, recipe_dict, seed: int):
+    """The trainer's first-stage model with weights drawn here in full from a seeded generator (independent
+    of the world size and of the init code), each rank keeping its shard."""
     from steptitan.distributed import local_part, local_tensor
 
     trainer = _trainer(env, recipe_dict)
     plan = trainer.plans[0]
     model = trainer.build_stage_model(plan)
-    g = torch.Generator().manual_seed(7)
+    g = torch.Generator().manual_seed(seed)
     for _, p in sorted(model.named_parameters()):
         full = torch.randn(p.shape, generator=g) * (0.5 if p.dim() > 1 else 0.1) + (1.0 if p.dim() == 1 else 0.0)
         local_tensor(p).copy_(local_part(full, p))
+    return trainer, plan, model
+
+
+@torch.no_grad()
+def _evaluate_fixed_weights(env, recipe_dict):
+    """Evaluate one set of weights, drawn here in full from a seeded generator (independent of the
+    world size and of the init code); on 1 rank also the reference: the mean per-block loss of the
+    first eval_batches x batch_size validation blocks, computed block by block."""
+    trainer, plan, model = _model_with_fixed_weights(env, recipe_dict, 7)
     val = trainer.evaluate(plan, model, 0)
     reference = None
     if env.world_size == 1:
@@ -138,15 +146,7 @@ def test_logged_lr_is_the_lr_the_step_used(one_rank):
 def _final_block_losses(env, recipe_dict):
     """The final evaluation (training.final_eval_batches) of fixed weights: every block's loss; on 1 rank
     also each block's loss computed here one block at a time."""
-    from steptitan.distributed import local_part, local_tensor
-
-    trainer = _trainer(env, recipe_dict)
-    plan = trainer.plans[0]
-    model = trainer.build_stage_model(plan)
-    g = torch.Generator().manual_seed(11)
-    for _, p in sorted(model.named_parameters()):
-        full = torch.randn(p.shape, generator=g) * (0.5 if p.dim() > 1 else 0.1) + (1.0 if p.dim() == 1 else 0.0)
-        local_tensor(p).copy_(local_part(full, p))
+    trainer, plan, model = _model_with_fixed_weights(env, recipe_dict, 11)
     val = trainer.evaluate(plan, model, 0, final=True)
     reference = None
     if env.world_size == 1:
