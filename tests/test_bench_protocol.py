@@ -104,6 +104,10 @@ def test_a_selection_slice_run_writes_no_report_and_tune_refuses_the_report_slic
     assert "write no report" in capsys.readouterr().out
     assert not (tmp_path / "docs" / f"{tmp_path.name}-0.004096M.md").exists()
     assert bench.main([*args, "--train", "stdlib-docs"]) == 2  # no validation file to slice
+    # a record-only tuning look writes the trials page; its command names no folder of this machine
+    assert bench.main([*args, "--tune"]) == 0
+    trials = next((tmp_path / "docs" / "tuning").glob("*.md")).read_text()
+    assert "--runs RUNS " in trials and str(tmp_path / "runs") not in trials
 
 
 def test_tuning_extends_the_grid_at_its_edge_then_tries_the_long_warmup():

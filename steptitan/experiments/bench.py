@@ -446,7 +446,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from steptitan.experiments.bench_report import selection_table, write_report
+    from steptitan.experiments.bench_report import portable, selection_table, write_report
 
     args = parse_args(argv)
     if args.scale_table:
@@ -504,7 +504,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 def write_trials(done: dict) -> None:  # docs/bench/tuning/TAG.md: every trial so far
                     path = Path(args.tuned).with_suffix(".md")
                     path.parent.mkdir(parents=True, exist_ok=True)
-                    path.write_text(f"# Tuning trials: {args.tag} (selection slice)\n\nCommand: `{command.strip()}`\n\n"
+                    path.write_text(f"# Tuning trials: {args.tag} (selection slice)\n\nCommand: `{portable(command.strip(), args)}`\n\n"
                                     "Selection-slice losses: the record of each choice (docs/benchmark.md, "
                                     "'Protocol'), never a reported result.\n\n" + "\n".join(trials_table(done)) + "\n")
 
@@ -516,7 +516,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     print(f"bench: tuning not complete; finished runs recorded in {args.ledger}")
                     return 0
                 write_tuned(Path(args.tuned), result, {"tag": args.tag, "slices": slices_of(args).info,
-                                                       "command": command.strip(), "lr_grid": list(args.lr_grid)})
+                                                       "command": portable(command.strip(), args), "lr_grid": list(args.lr_grid)})
                 for name, r in result.items():
                     log(f"tuned {name}: {r['chosen']} ({r['n_configs']} configurations, {r['n_runs']} runs"
                         f"{', at the edge of the grid' if r['at_edge'] else ''})")
