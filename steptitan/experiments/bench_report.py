@@ -10,6 +10,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from steptitan.experiments.downstream import METRICS as DOWNSTREAM_METRICS, downstream_rows, downstream_section
 from steptitan.experiments import report as plots
 from steptitan.experiments.report import peak_bytes
 from steptitan.experiments.stats import (
@@ -311,6 +312,8 @@ def write_report(args: argparse.Namespace, shape: Any, frac: float, facts: dict[
             png = plots.plot_pareto(points, plot_dir / "pareto.png")
             lines += ["## Pareto: memory vs quality", "", "Model states vs vanilla AdamW (x) against the loss ratio "
                       "(y; the bar runs up to the one-sided 95% upper bound).", "", f"![Pareto front]({_rel(png, out)})", ""]
+    down = downstream_rows(quality)
+    lines += downstream_section(down)
     lines += throughput_section(meta.get("throughput", {}), {})
     if untuned:
         lines += [f"Untuned rows (recipe defaults; no claim is made for them): {', '.join(untuned)}.", ""]
@@ -326,25 +329,54 @@ def write_report(args: argparse.Namespace, shape: Any, frac: float, facts: dict[
                                    "rows": {n: {"mean": r["mean"], "seeds": len(r["finals"]),
                                                 "ratio": r["ni"].mean if r["ni"] else None,
                                                 "upper": r["ni"].upper if r["ni"] else None,
-                                                "verdict": r["ni"].verdict() if r["ni"] else None}
+                                                "verdict": r["ni"].verdict() if r["ni"] else None,
+                                                "downstream": down.get(n, {})}
                                             for n, r in q.items()}}, indent=1, default=float))
     print(f"wrote {out}, {results} and plots in {plot_dir}")
+    return out
+
+
+def downstream_summary_rows(data: dict[str, Any]) -> list[str]:
+    """BENCHMARKS.md's downstream rows of one results file: mean [paired 95% interval of the difference]."""
+    out = []
+    for name, row in data.get("rows", {}).items():
+        metrics = row.get("downstream") or {}
+        if not metrics:
+            continue
+        cells = []
+        for key, *_ in DOWNSTREAM_METRICS:
+            c = metrics.get(key)
+            if c is None:
+                cells.append("-")
+            elif c.get("low") is not None:
+                cells.append(f"{c['mean']:.3f} [{c['low']:+.3f}, {c['high']:+.3f}]")
+            else:
+                cells.append(f"{c['mean']:.3f}")
+        n = max(c["n"] for c in metrics.values())
+        out.append(f"| {data['tag']} | {name} | {n} | " + " | ".join(cells) + " |")
     return out
 
 
 def write_summary(results_dir: Path, out: Path, header: str) -> Path:
     """BENCHMARKS.md: the targets of every corpus and budget (docs/bench/results/*.json) in one table,
     each linking to its report, then ``header`` (the hand-written reading of the figures)."""
-    rows, links = [], []
+    rows, links, down = [], [], []
     for path in sorted(results_dir.glob("*.json")):
         data = json.loads(path.read_text())
         rows += data["targets"]
         links.append(f"- [{data['tag']}](docs/bench/{data['tag']}.md): `{data['command']}`")
+        down += downstream_summary_rows(data)
     lines = ["# Benchmarks", "", "Command: `steptitan bench --summary` (this page, from `docs/bench/results/*.json` and "
              "`docs/bench/notes/summary.md`).", "", "Every figure below comes from the per-corpus reports linked here, each made by "
              "`steptitan bench` under the protocol of [docs/benchmark.md](docs/benchmark.md) (\"Protocol\"): tuned "
              "baselines, choices on a selection slice only, fresh report seeds, the one-sided 95% bound.", "",
              "## Targets", ""] + targets_table(rows) + ["", "Reports:", ""] + links + [""]
+    if down:
+        lines += ["## Downstream (offline lm-eval tasks, each report's final weights)", "",
+                  "Mean over report seeds; in brackets the paired difference to vanilla with its 95% interval "
+                  "(each report's downstream section). Chance: 0.25 for kjv_choice, ~0 for kjv_cloze acc.", "",
+                  "| corpus, budget | row | seeds | " + " | ".join(label for _, label, _, _ in DOWNSTREAM_METRICS) + " |",
+                  "|---|---|---|" + "---|" * len(DOWNSTREAM_METRICS)] + down + [""]
     out.write_text("\n".join(lines) + "\n" + header)
     return out
 
