@@ -91,20 +91,24 @@ def _loglikelihood(model, tok, context: str, continuation: str, max_length: int)
 @pytest.mark.skipif(not KJV.is_dir(), reason="../shared/data/kjv is missing")
 def test_eval_of_a_tiny_run_matches_loglikelihoods_by_hand(tmp_path):
     """A real `steptitan eval` (lm-eval's HFLM on the merged export, offline) of a 2-stage STEP run with LoRA;
-    acc, acc_norm and perplexity recomputed from steptitan's own forward of the unmerged stage model."""
+    acc, acc_norm and perplexity recomputed from steptitan's own forward of the unmerged stage model, and
+    read back from TensorBoard and the offline W&B eval run. The tasks come from the installed package
+    (no --include-path)."""
     run = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    have_wandb = importlib.util.find_spec("wandb") is not None
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **wandb_env(tmp_path)}
     train = subprocess.run(
         [sys.executable, "-m", "steptitan.train", "recipes/step.toml", f"data.files=[{KJV / 'train.txt'}]",
          "data.max_chars=300000", f"data.cache_dir={tmp_path / 'cache'}", f"output_dir={run}", "model.vocab_size=512",
          "model.dim=64", "training.seq_len=64", "training.batch_size=4", "training.eval_batches=1",
-         "training.warmup_steps=2", "stages.0.steps=6", "stages.1.steps=4"],
+         "training.warmup_steps=2", "stages.0.steps=6", "stages.1.steps=4",
+         *(["metrics.wandb=true", "metrics.wandb_project=steptitan-test"] if have_wandb else [])],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert train.returncode == 0, train.stderr[-3000:]
     limit = 12
     out = subprocess.run(
         [sys.executable, "-m", "steptitan", "eval", str(run), "--tasks", "kjv_cloze,kjv_choice",
-         "--include-path", str(TASKS), "--limit", str(limit), "--batch-size", "4"],
+         "--limit", str(limit), "--batch-size", "4"],
         cwd=tmp_path, env={**env, **OFFLINE}, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     record = json.loads((run / "eval" / "kjv_cloze,kjv_choice.json").read_text())
@@ -135,12 +139,15 @@ def test_eval_of_a_tiny_run_matches_loglikelihoods_by_hand(tmp_path):
     assert scores["kjv_choice/acc"] == pytest.approx(acc / limit)
     assert scores["kjv_choice/acc_norm"] == pytest.approx(acc_norm / limit)
 
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(run / "tb" / "eval"))
-    events.Reload()
-    logged = events.Scalars("eval/kjv_choice/acc")
-    assert [(e.step, e.value) for e in logged] == [(info.meta["global_step"], pytest.approx(acc / limit))]
+    step = info.meta["global_step"]
+    assert step == 10
+    assert tb_scalars(run / "tb" / "eval")["eval/kjv_choice/acc"] == [(step, pytest.approx(acc / limit))]
+    if have_wandb:
+        (wb,) = read_eval_wandb_runs(run)
+        (row,) = [h for h in wb["history"] if "eval/kjv_choice/acc" in h]
+        assert row["_step"] == step and row["eval/kjv_choice/acc"] == pytest.approx(acc / limit)
+        assert row["eval/kjv_cloze/perplexity"] == pytest.approx(scores["kjv_cloze/perplexity"])
+        assert wb["run"].job_type == "eval" and wb["config"]["eval"]["tasks"] == ["kjv_cloze", "kjv_choice"]
 
 
 # --------------------------------------------------------------------------- the tasks in an installed package
