@@ -17,7 +17,7 @@ commands:
   bench [--recipes a,b --seeds N --budget-tokens N] the equal-FLOP benchmark over seeds (docs/benchmark.md)
   paired SWEEP_OUT LABEL_A LABEL_B [--plot F]      two arms of a seeded sweep compared seed by seed
   export CHECKPOINT_OR_RUN OUT_DIR                 a checkpoint as a Hugging Face Llama folder
-  eval CHECKPOINT_OR_RUN --tasks T1,T2             lm-evaluation-harness tasks on a checkpoint (--include-path evaltasks: offline)
+  eval CHECKPOINT_OR_RUN --tasks T1,T2             lm-evaluation-harness tasks on a checkpoint (offline: kjv_cloze,kjv_choice)
   generate CHECKPOINT_OR_RUN --prompt TEXT         sample text from a checkpoint (CPU, one process, no export)
 """
 

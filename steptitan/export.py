@@ -50,7 +50,10 @@ def find_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
     """A checkpoint folder, or a run folder (its newest complete checkpoint)."""
     path = Path(path)
     if (path / "meta.json").is_file():
-        return read_checkpoint(path)
+        try:
+            return read_checkpoint(path)
+        except ValueError as exc:  # its messages name the training key checkpoint.resume=PATH
+            raise ExportError(str(exc).replace("checkpoint.resume=", "checkpoint ")) from None
     found = list_checkpoints(path / "checkpoints") or list_checkpoints(path)
     if not found and _checkpoints_off(path):
         raise ExportError(f"{path} was trained with checkpoint.enabled = false, so it has no checkpoint to read "

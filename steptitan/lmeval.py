@@ -4,18 +4,23 @@ The checkpoint (a run folder's newest, or a given one) is exported as a merged
 dense Hugging Face Llama folder into a temporary directory (steptitan/export.py:
 PEFT adapters merged, tokenizer copied) and evaluated by lm-eval's ``HFLM`` on
 the CPU (or CUDA when there is one). The scores go to
-``<run>/eval/<tasks>.json`` and, as scalars ``eval/<task>/<metric>`` at the
-checkpoint's global step, to the run's TensorBoard folder.
+``<run>/eval/<tasks>.json`` and, as scalars ``eval/<task>/<metric>``, to the
+trackers the run's recipe turned on (steptitan/trackers.py: ``log_eval_scores``).
 
 Offline: the harness's own tasks (hellaswag, arc_easy, lambada_openai, piqa)
 download their datasets from the hub; the repository's ``evaltasks/`` folder
-(``--include-path evaltasks``: ``kjv_cloze``, ``kjv_choice``) needs no network, and
-the export is a local folder, so ``HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1`` works.
+(``kjv_cloze``, ``kjv_choice``) needs no network, and the export is a local folder,
+so ``HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1`` works. That folder installs as the
+package ``steptitan.evaltasks`` and is always on lm-eval's task path;
+``--include-path DIR`` adds more task YAMLs (the checkout's ``evaltasks`` is the same folder).
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
+import importlib.resources
+import importlib.util
 import json
 import os
 import re
@@ -24,7 +29,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
-REPO_TASKS = Path(__file__).resolve().parents[1] / "evaltasks"
+BUNDLED_TASKS = "steptitan.evaltasks"  # the top-level evaltasks/ folder, installed as package data
 
 
 class EvalError(ValueError):
@@ -36,22 +41,60 @@ def run_folder_of(checkpoint: Path) -> Path:
     return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
 
 
-def evaluate_folder(hf_dir: Path, tasks: list[str], include_path: str | None, limit: int | None,
+def bundled_tasks() -> Path | None:
+    """The folder of the offline tasks, from the installed package (a wheel's site-packages, or the
+    checkout's evaltasks/ through an editable install); None when steptitan.evaltasks is not installed
+    (an editable install older than that package: re-run ``pip install -e .``)."""
+    try:
+        folder = importlib.resources.files(BUNDLED_TASKS)
+    except ModuleNotFoundError:
+        return None
+    # lm-eval reads task folders from the file system: a zip-imported steptitan is not supported
+    return Path(str(folder)) if Path(str(folder)).is_dir() else None
+
+
+def task_paths(include_path: str | None) -> list[str]:
+    """lm-eval's extra task folders: the bundled offline tasks, then ``include_path`` (a later folder's
+    task overrides an earlier one of the same name), each folder once (the checkout's evaltasks/ is
+    the bundled folder in an editable install)."""
+    paths = [p for p in (bundled_tasks(), Path(include_path) if include_path else None) if p is not None]
+    return [str(p) for i, p in enumerate(paths) if p.resolve() not in {q.resolve() for q in paths[:i]}]
+
+
+def task_manager(include_path: str | None):
+    """lm-eval's TaskManager: its own tasks and those of ``task_paths``."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=task_paths(include_path))
+
+
+def check_tasks(manager: Any, tasks: list[str]) -> None:
+    """EvalError naming each task lm-eval does not know, with the nearest known names."""
+    known = manager.all_tasks
+    unknown = [t for t in tasks if t not in known]
+    if not unknown:
+        return
+    hints = []
+    for t in unknown:
+        near = difflib.get_close_matches(t, known, n=3)
+        hints.append(f"{t!r}" + (f" (did you mean {', '.join(near)}?)" if near else ""))
+    where = "" if bundled_tasks() is not None else \
+        f"; the offline tasks need the package {BUNDLED_TASKS}: re-run pip install -e ."
+    raise EvalError(f"unknown lm-eval task(s): {', '.join(hints)}; `lm-eval ls tasks` lists them, "
+                    f"--include-path DIR adds a folder of task YAMLs{where}")
+
+
+def evaluate_folder(hf_dir: Path, tasks: list[str], manager: Any, limit: int | None,
                     batch_size: int, device: str, max_length: int | None = None) -> dict[str, Any]:
-    """lm-eval's ``simple_evaluate`` with ``HFLM`` on a local HF folder (model and tokenizer).
+    """lm-eval's ``simple_evaluate`` with ``HFLM`` on a local HF folder (model and tokenizer);
+    ``manager`` from ``task_manager``.
 
     ``max_length``: HFLM left-truncates context + continuation to it; None = config.json's
     max_position_embeddings, which for llama3 rope scaling is the scaled context, far beyond
     the sequence length a steptitan run trained at."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=include_path) if include_path else TaskManager()
-    unknown = [t for t in tasks if t not in manager.all_tasks]
-    if unknown:
-        raise EvalError(f"unknown lm-eval task(s) {', '.join(unknown)}"
-                        + ("" if include_path else f" (the offline tasks need --include-path {REPO_TASKS.name})"))
     lm = HFLM(pretrained=str(hf_dir), tokenizer=str(hf_dir), batch_size=batch_size, device=device,
               dtype="float32", trust_remote_code=False, add_bos_token=False,
               max_length=max_length)  # steptitan trains without BOS
@@ -71,29 +114,20 @@ def scalars(results: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def log_to_tensorboard(run_dir: Path, step: int, values: dict[str, float]) -> Path:
-    from torch.utils.tensorboard import SummaryWriter
-
-    folder = run_dir / "tb" / "eval"
-    writer = SummaryWriter(str(folder))
-    for name, value in values.items():
-        writer.add_scalar(f"eval/{name}", value, step)
-    writer.close()
-    return folder
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="steptitan eval", description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", help="a run folder (its newest checkpoint) or a checkpoint folder")
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names, e.g. kjv_cloze,kjv_choice")
-    p.add_argument("--include-path", help=f"a folder of extra lm-eval task YAMLs (the offline ones: {REPO_TASKS.name}/)")
+    p.add_argument("--include-path", help="a folder of extra lm-eval task YAMLs (the offline kjv_cloze and "
+                                          "kjv_choice are always there)")
     p.add_argument("--limit", type=int, help="at most this many examples per task (quick checks)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="cuda" if _has_cuda() else "cpu")
     p.add_argument("--out", help="where to write the scores (default: <run>/eval/<tasks>.json)")
     args = p.parse_args(argv)
-    from steptitan.export import ExportError, export, find_checkpoint
+    from steptitan.export import ExportError, export, find_checkpoint, recipe_for
     from steptitan.recipe import RecipeError
+    from steptitan.trackers import TrackerError, log_eval_scores
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     try:
@@ -108,13 +142,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ImportError:
             raise EvalError("steptitan eval needs lm-evaluation-harness: pip install 'steptitan[eval]'") from None
         info = find_checkpoint(args.checkpoint)
+        recipe = recipe_for(info)
+        if recipe.metrics.wandb and importlib.util.find_spec("wandb") is None:
+            raise EvalError(f"{run_folder_of(info.path)} logs to W&B (metrics.wandb = true) and the wandb "
+                            f"package is not installed: pip install 'steptitan[wandb]'")
+        manager = task_manager(args.include_path)
+        check_tasks(manager, tasks)  # before the export, which takes a while for a large model
         with tempfile.TemporaryDirectory(prefix="steptitan-eval-") as tmp:
             hf_dir = export(info.path, tmp)
             if not (hf_dir / "tokenizer.json").is_file():
                 raise EvalError(f"the tokenizer of {info.path} was not found (data.tokenizer or the cached BPE); "
                                 f"lm-eval needs it")
             trained = json.loads((hf_dir / "steptitan_export.json").read_text())["trained_seq_len"]
-            results = evaluate_folder(hf_dir, tasks, args.include_path, args.limit, args.batch_size, args.device,
+            results = evaluate_folder(hf_dir, tasks, manager, args.limit, args.batch_size, args.device,
                                       max_length=trained)
     except (EvalError, ExportError, RecipeError, FileNotFoundError) as exc:
         print(f"steptitan eval: error: {exc}", file=sys.stderr)
@@ -122,6 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_dir = run_folder_of(info.path)
     out = Path(args.out) if args.out else run_dir / "eval" / f"{re.sub(r'[^A-Za-z0-9_.,-]', '_', ','.join(tasks))}.json"
     values = scalars(results)
+    step = int(info.meta.get("global_step") or info.step)
     record = {"checkpoint": str(info.path.resolve()), "stage": info.stage, "step": info.step,
               "global_step": info.meta.get("global_step"), "tasks": tasks, "limit": args.limit,
               "max_length": trained,
@@ -129,12 +170,16 @@ def main(argv: Sequence[str] | None = None) -> int:
               "versions": results.get("versions", {}), "lm_eval": _version()}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=1, default=str))
-    step = int(info.meta.get("global_step") or info.step)
-    if (run_dir / "tb").is_dir() or args.out is None:
-        log_to_tensorboard(run_dir, step, values)
     for name, value in values.items():
         print(f"{name:<40} {value:.4f}")
     print(f"wrote {out}")
+    about = {k: record[k] for k in ("checkpoint", "stage", "step", "global_step", "tasks", "limit", "max_length")}
+    try:
+        for where in log_eval_scores(recipe, run_dir, step, values, about):
+            print(f"logged to {where}")
+    except TrackerError as exc:
+        print(f"steptitan eval: error: the scores are in {out}, but {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

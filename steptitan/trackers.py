@@ -8,7 +8,8 @@ Rank 0 writes; on other ranks every call is a no-op. What goes in (README, "Read
 * text samples at stage ends (``metrics.sample_prompts``): TensorBoard text ``samples/stage<i>``,
   a W&B table ``samples/stage<i>``;
 * end-of-run values (wall time, tokens seen, final val loss): the W&B run summary (they are
-  in summary.json too).
+  in summary.json too);
+* later, the downstream scores of ``steptitan eval`` (``log_eval_scores``): ``eval/<task>/<metric>``.
 
 W&B: ``torchtitan.components.metrics.WandBLogger`` reads project / name / entity / run id from
 environment variables; the recipe's ``metrics.wandb_*`` keys are put there for its ``wandb.init``.
@@ -78,15 +79,23 @@ class _RecipeConfig:
         return self.data
 
 
+def _new_wandb_id() -> str:
+    return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))  # W&B's id alphabet
+
+
 def wandb_run_id(folder: Path) -> str:
     """The W&B run id of this output folder: created at the first launch, reused on resume."""
     path = folder / "run_id"
     if path.is_file() and path.read_text().strip():
         return path.read_text().strip()
     folder.mkdir(parents=True, exist_ok=True)
-    run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))  # W&B's id alphabet
+    run_id = _new_wandb_id()
     path.write_text(run_id + "\n")
     return run_id
+
+
+def wandb_run_name(recipe: Recipe) -> str:
+    return recipe.metrics.wandb_name or os.environ.get("WANDB_RUN_NAME") or recipe.name
 
 
 def start_trackers(recipe: Recipe, is_main: bool) -> Trackers:
@@ -135,26 +144,31 @@ class Trackers:
             writer.file_writer.add_summary(summary)
 
     @staticmethod
-    def _start_wandb(recipe: Recipe, resolved: dict[str, Any]):
+    def _start_wandb(recipe: Recipe, resolved: dict[str, Any], run_dir: Path | None = None,
+                     env_overrides: dict[str, str] | None = None):
+        """torchtitan's WandBLogger writing into ``run_dir`` (default: the recipe's output folder); by
+        default on the run's own W&B run, ``env_overrides`` (WANDB_* variables) start another."""
         cfg = recipe.metrics
+        run_dir = recipe.run_dir if run_dir is None else run_dir
         try:
             from torchtitan.components.metrics import WandBLogger
 
-            folder = recipe.run_dir / "wandb"  # wandb.init(dir=run_dir) writes its files here
+            folder = run_dir / "wandb"  # wandb.init(dir=run_dir) writes its files here
             env = {"WANDB_PROJECT": cfg.wandb_project or os.environ.get("WANDB_PROJECT") or "steptitan",
-                   "WANDB_RUN_NAME": cfg.wandb_name or os.environ.get("WANDB_RUN_NAME") or recipe.name,
+                   "WANDB_RUN_NAME": wandb_run_name(recipe),
                    "WANDB_TEAM": cfg.wandb_entity,
                    "WANDB_RUN_ID": os.environ.get("WANDB_RUN_ID") or wandb_run_id(folder),
-                   "WANDB_RESUME": os.environ.get("WANDB_RESUME") or "allow"}
+                   "WANDB_RESUME": os.environ.get("WANDB_RESUME") or "allow",
+                   **(env_overrides or {})}
             with _env(env):
-                return WandBLogger(str(recipe.run_dir), _RecipeConfig(resolved))
+                return WandBLogger(str(run_dir), _RecipeConfig(resolved))
         except ImportError as exc:
             raise TrackerError(f"metrics.wandb = true needs the wandb package ({exc}): "
                                f"pip install 'steptitan[wandb]'") from None
         except Exception as exc:  # not logged in, no network, ...
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise TrackerError(f"metrics.wandb: W&B did not start: {first}; log in with `wandb login`, "
-                               f"or set WANDB_MODE=offline (sync later with `wandb sync {recipe.run_dir / 'wandb'}`)"
+                               f"or set WANDB_MODE=offline (sync later with `wandb sync {run_dir / 'wandb'}`)"
                                ) from None
 
     # ------------------------------------------------------------------ logging
@@ -185,3 +199,39 @@ class Trackers:
             if logger is not None:
                 logger.close()
         self.tb = self.wandb = None
+
+
+def log_eval_scores(recipe: Recipe, run_dir: Path, global_step: int, values: dict[str, float],
+                    about: dict[str, Any]) -> list[str]:
+    """``steptitan eval``'s scores (``{"task/metric": value}``) as ``eval/<task>/<metric>`` into the
+    trackers the run's recipe turned on; returns where they went. ``about``: what was evaluated
+    (checkpoint, tasks, limit), W&B config.
+
+    TensorBoard: ``<run>/tb/eval`` (its own event folder: a run "eval" beside the training scalars)
+    at the checkpoint's global step. W&B: a run of its own (job type ``eval``, named
+    ``<run name>-eval``, grouped under the training run's W&B id, the recipe and ``about`` as
+    config), not the training run resumed: offline runs cannot be resumed, and ``wandb sync`` of a
+    second offline run with the same id replaces the first one's history (wandb issues #3841, #5865).
+    """
+    written = []
+    if recipe.metrics.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        folder = run_dir / "tb" / "eval"
+        writer = SummaryWriter(str(folder))
+        for name, value in values.items():
+            writer.add_scalar(f"eval/{name}", value, global_step)
+        writer.close()
+        written.append(f"TensorBoard {folder}")
+    if recipe.metrics.wandb:
+        train_id = wandb_run_id(run_dir / "wandb")
+        config = {**to_dict(recipe), "eval": {**about, "train_run_id": train_id}}
+        env = {"WANDB_RUN_NAME": f"{wandb_run_name(recipe)}-eval", "WANDB_RUN_ID": _new_wandb_id(),
+               "WANDB_RESUME": "never", "WANDB_RUN_JOB_TYPE": "eval", "WANDB_RUN_GROUP": train_id}
+        logger = Trackers._start_wandb(recipe, config, run_dir, env)
+        try:
+            logger.log({f"eval/{k}": v for k, v in values.items()}, global_step)
+            written.append(f"W&B run {logger.wandb.run.id} (group {train_id}, job type eval)")
+        finally:
+            logger.close()
+    return written
