@@ -26,6 +26,7 @@ import os
 import re
 import sys
 import tempfile
+import traceback
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -98,8 +99,17 @@ def evaluate_folder(hf_dir: Path, tasks: list[str], manager: Any, limit: int | N
     lm = HFLM(pretrained=str(hf_dir), tokenizer=str(hf_dir), batch_size=batch_size, device=device,
               dtype="float32", trust_remote_code=False, add_bos_token=False,
               max_length=max_length)  # steptitan trains without BOS
-    return simple_evaluate(model=lm, tasks=tasks, limit=limit, task_manager=manager, log_samples=False,
-                           bootstrap_iters=0)
+    try:
+        return simple_evaluate(model=lm, tasks=tasks, limit=limit, task_manager=manager, log_samples=False,
+                               bootstrap_iters=0)
+    except AssertionError as exc:  # HFLM asserts that every continuation fits max_length, without a message
+        frame = traceback.extract_tb(exc.__traceback__)[-1]
+        if "continuation" not in (frame.line or ""):
+            raise
+        raise EvalError(f"a continuation of {', '.join(tasks)} is longer than the {lm.max_length}-token context "
+                        f"(the sequence length the model was trained at); lm-eval cannot score it. Pass "
+                        f"--max-length N to evaluate with a longer context than trained, or evaluate a model "
+                        f"trained with a longer training.seq_len") from None
 
 
 def scalars(results: dict[str, Any]) -> dict[str, float]:
@@ -124,6 +134,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="cuda" if _has_cuda() else "cpu")
     p.add_argument("--out", help="where to write the scores (default: <run>/eval/<tasks>.json)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="context tokens given to lm-eval (default: the sequence length the run trained at; longer "
+                        "contexts are left-truncated, and a continuation must fit)")
     args = p.parse_args(argv)
     from steptitan.export import ExportError, export, find_checkpoint, recipe_for
     from steptitan.recipe import RecipeError
@@ -133,8 +146,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if not tasks:
             raise EvalError("--tasks names no task")
-        if args.limit is not None and args.limit < 1 or args.batch_size < 1:
-            raise EvalError("--limit and --batch-size must be >= 1")
+        if args.limit is not None and args.limit < 1 or args.batch_size < 1 or \
+                args.max_length is not None and args.max_length < 1:
+            raise EvalError("--limit, --batch-size and --max-length must be >= 1")
         if args.include_path and not Path(args.include_path).is_dir():
             raise EvalError(f"--include-path {args.include_path!r} is not a folder")
         try:
@@ -154,8 +168,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise EvalError(f"the tokenizer of {info.path} was not found (data.tokenizer or the cached BPE); "
                                 f"lm-eval needs it")
             trained = json.loads((hf_dir / "steptitan_export.json").read_text())["trained_seq_len"]
+            max_length = args.max_length or trained
             results = evaluate_folder(hf_dir, tasks, manager, args.limit, args.batch_size, args.device,
-                                      max_length=trained)
+                                      max_length=max_length)
     except (EvalError, ExportError, RecipeError, FileNotFoundError) as exc:
         print(f"steptitan eval: error: {exc}", file=sys.stderr)
         return 2
@@ -165,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     step = int(info.meta.get("global_step") or info.step)
     record = {"checkpoint": str(info.path.resolve()), "stage": info.stage, "step": info.step,
               "global_step": info.meta.get("global_step"), "tasks": tasks, "limit": args.limit,
-              "max_length": trained,
+              "max_length": max_length, "trained_seq_len": trained,
               "scores": values, "results": results.get("results", {}), "n_samples": results.get("n-samples", {}),
               "versions": results.get("versions", {}), "lm_eval": _version()}
     out.parent.mkdir(parents=True, exist_ok=True)

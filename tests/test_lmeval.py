@@ -325,3 +325,29 @@ def test_unknown_task_is_refused_with_suggestions_before_the_export(capsys, tmp_
     assert code == 2
     assert "unknown lm-eval task(s): 'kjv_clozee' (did you mean kjv_cloze" in err and "'no_such_task_xyz'" in err
     assert "'kjv_cloze'" not in err.replace("'kjv_clozee'", "")
+
+
+def test_a_continuation_longer_than_the_trained_context_is_refused_with_a_way_out(tmp_path):
+    """HFLM asserts (with no message) that each continuation fits max_length, which steptitan eval sets
+    to the trained sequence length: that must be a one-line EvalError naming --max-length, and a longer
+    --max-length must then score the task."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from steptitan.lmeval import EvalError, evaluate_folder, task_manager
+
+    # a byte-level word tokenizer over the task's own words: every ending is several tokens long
+    words = sorted({w for row in _rows("kjv_choice")[:2] for e in (row["ctx"], *row["endings"]) for w in e.split()})
+    vocab = {"<unk>": 0, **{w: i + 1 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<unk>").save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, max_position_embeddings=256)).save_pretrained(tmp_path)
+    longest = max(len(e.split()) for row in _rows("kjv_choice")[:2] for e in row["endings"])
+    manager = task_manager(None)  # lm-eval's task index: built once (the slow part)
+    with pytest.raises(EvalError, match="--max-length"):
+        evaluate_folder(tmp_path, ["kjv_choice"], manager, 2, 2, "cpu", max_length=longest - 1)
+    ok = evaluate_folder(tmp_path, ["kjv_choice"], manager, 2, 2, "cpu", max_length=longest + 64)
+    assert ok["results"]["kjv_choice"]["acc,none"] in (0.0, 0.5, 1.0)

@@ -326,9 +326,7 @@ def run_downstream(args: argparse.Namespace, quality: Sweep) -> None:
     except ImportError:
         log("downstream: skipped, lm-eval is not installed (pip install 'steptitan[eval]')")
         return
-    from steptitan.lmeval import REPO_TASKS
-
-    done = evaluate_runs([runner.run_dir(quality, run) for run in quality.runs], REPO_TASKS, args.eval_limit)
+    done = evaluate_runs([runner.run_dir(quality, run) for run in quality.runs], args.eval_limit)
     log(f"downstream: evaluated {len(done)} run(s)")
 
 

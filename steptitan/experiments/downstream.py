@@ -2,7 +2,7 @@
 
 STEP's paper claims equal downstream quality beside equal perplexity. The bench's report runs keep
 their last checkpoint (``CHECKPOINT_OVERRIDES``: one, at the end of the last stage), and the
-``downstream`` part evaluates it on the repository's offline lm-eval tasks (evaltasks/: ``kjv_cloze``,
+``downstream`` part evaluates it on the offline lm-eval tasks shipped with steptitan (evaltasks/: ``kjv_cloze``,
 a LAMBADA-style last-word task, and ``kjv_choice``, a HellaSwag-style 4-way choice; docs/eval.md),
 writing ``<run>/eval/downstream.json``; ``collect`` attaches the scores to the run's summary, so the
 ledger keeps them once the folders are gone. A model of the benchmark's size sits near chance on
@@ -45,8 +45,9 @@ def scores_of(run_dir: Path) -> dict[str, float] | None:
     return scores
 
 
-def evaluate_runs(run_dirs: list[Path], include_path: Path, limit: int | None = None) -> list[Path]:
-    """``steptitan eval`` on every finished run folder without scores yet; returns the folders evaluated.
+def evaluate_runs(run_dirs: list[Path], limit: int | None = None) -> list[Path]:
+    """``steptitan eval`` (the bundled offline tasks) on every finished run folder without scores yet;
+    returns the folders evaluated.
 
     In this process (lm-eval and transformers are imported once for all runs). A run without a
     checkpoint (made before report runs kept one) is skipped with a line that says so."""
@@ -59,8 +60,7 @@ def evaluate_runs(run_dirs: list[Path], include_path: Path, limit: int | None = 
         if not any((run_dir / "checkpoints").glob("stage*")):
             print(f"downstream: {run_dir.name} has no checkpoint (made before report runs kept one); skipped")
             continue
-        argv = [str(run_dir), "--tasks", ",".join(TASKS), "--include-path", str(include_path),
-                "--out", str(run_dir / "eval" / OUT_NAME)]
+        argv = [str(run_dir), "--tasks", ",".join(TASKS), "--out", str(run_dir / "eval" / OUT_NAME)]
         if limit:
             argv += ["--limit", str(limit)]
         if lmeval.main(argv) != 0:
@@ -118,7 +118,7 @@ def downstream_section(rows: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
     if not rows:
         return []
     lines = ["## Downstream: offline lm-eval tasks on each report run's final weights", "",
-             f"`steptitan eval RUN --tasks {','.join(TASKS)} --include-path evaltasks` on every report seed's last "
+             f"`steptitan eval RUN --tasks {','.join(TASKS)}` on every report seed's last "
              "checkpoint (docs/eval.md: 200 examples a task, built from KJV chapters no bench run trains on). "
              "*diff* is the mean per-seed difference to vanilla with its two-sided 95% t-interval; an interval "
              "that covers 0 is *no difference*. A model of this size is close to chance on both tasks: read the "
