@@ -274,3 +274,73 @@ def test_without_a_process_group_the_plugin_is_the_package_bit_for_bit(name):
     for n in SHAPES:
         torch.testing.assert_close(params[n].detach(), ref[n], rtol=0, atol=0, msg=lambda m: f"{n}: {m}")
     assert len(svd.shapes) == len(PROJECTED) * len(range(0, STEPS, GAP))
+
+
+# --------------------------------------------------------------------------- the estimates (memory, FLOPs, planner)
+
+
+@pytest.mark.parametrize("name, matmuls", [("galore", 2), ("fira", 3)])
+def test_step_flops_by_hand(name, matmuls):
+    """wq 12 x 8 (right) and w2 6 x 10 (left), rank 3, gap 2, on 2 ranks. Rank 0 holds 6 rows of wq and 3
+    of w2 and owns wq's SVD: projection 2 (project, back; Fira + the residual's back) x 2 m_loc n r each,
+    SVD (Golub & Van Loan's R-SVD: 6 a b^2 + 20 b^3) / gap."""
+    from steptitan.registry import OPTIM
+
+    plugin = OPTIM.get(name)(OPTIM.get(name).Options(rank=3, update_proj_gap=2))
+    named = [("layers.0.attention.wq.weight", (12, 8)), ("layers.0.feed_forward.w2.weight", (6, 10)),
+             ("norm.weight", (8,))]
+    assert plugin.step_flops(named, 2, 0) == {"projection": matmuls * (2 * 6 * 8 * 3 + 2 * 3 * 10 * 3),
+                                              "svd": (6 * 12 * 8 * 8 + 20 * 8 ** 3) // 2}
+    assert plugin.step_flops(named, 2, 1) == {"projection": matmuls * (2 * 6 * 8 * 3 + 2 * 3 * 10 * 3),
+                                              "svd": (6 * 10 * 6 * 6 + 20 * 6 ** 3) // 2}
+
+
+def _shapes_owned(model, rank: int, world: int) -> list[tuple[int, int]]:
+    projected = [tuple(p.shape) for n, p in model.named_parameters()
+                 if p.dim() == 2 and n.startswith("layers.") and (".attention." in n or ".feed_forward." in n)]
+    return projected[rank::world]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_the_memory_model_counts_the_refresh_and_the_flops(tmp_path, world):
+    """``predict_stage``: each rank's overhead ``optimizer_refresh`` is the largest of its owned weights'
+    refresh buffers (gather buffer of FSDP2's padded chunks + U, S, Vh in fp32), and its optimizer FLOPs
+    include the owned SVDs; an AdamW stage has neither."""
+    from test_optim import _recipe_dict
+
+    from steptitan.memory import predict_stage
+    from steptitan.plan import build_plan
+    from steptitan.recipe import recipe_from_dict
+
+    galore = build_plan(recipe_from_dict(_recipe_dict(str(tmp_path / "g"), {"default": {"name": "galore", "rank": 8}})))[0]
+    adamw = build_plan(recipe_from_dict(_recipe_dict(str(tmp_path / "a"), {"default": "adamw"})))[0]
+    training = recipe_from_dict(_recipe_dict(str(tmp_path / "g"), {"default": "galore"})).training
+    predicted = predict_stage(galore, world, training)
+    model = galore.build()
+    for rank in range(world):
+        owned = _shapes_owned(model, rank, world)
+        expected = max(4 * (world * math.ceil(m / world) * n if world > 1 else 0) + 4 * (m * min(m, n) + min(m, n) + min(m, n) * n)
+                       for m, n in owned)
+        assert predicted.overheads[rank]["optimizer_refresh"] == expected, (rank, owned)
+        svd = sum(6 * max(m, n) * min(m, n) ** 2 + 20 * min(m, n) ** 3 for m, n in owned) // 200
+        assert predicted.optimizer_flops[rank]["svd"] == svd
+    plain = predict_stage(adamw, world, training)
+    assert all(o["optimizer_refresh"] == 0 for o in plain.overheads) and plain.optimizer_flops == [{}] * world
+
+
+def test_the_planner_adds_the_refresh_to_a_stage_peak():
+    from steptitan.memory import OptimizerSpec
+    from steptitan.model import ModelShape
+    from steptitan.planner import layer_inventory, split_memory
+    from steptitan.registry import OPTIM
+
+    shape = ModelShape(dim=32, n_layers=4, n_heads=4, n_kv_heads=4, vocab_size=64, ffn_hidden=48, max_seq_len=16)
+    inv = layer_inventory(shape)
+    galore = OptimizerSpec.of({g: OPTIM.get("galore")(OPTIM.get("galore").Options(rank=4))
+                               for g in ("old", "new", "embeddings", "head")})
+    split = split_memory(inv, [2, 2], world_size=2, optimizer=galore)
+    # rank 0 owns every other block linear; the largest is a 48 x 32 w1/w3 (gathered in 2 chunks of 24 rows)
+    assert split.optimizer_refresh == [4 * 48 * 32 + 4 * (48 * 32 + 32 + 32 * 32)] * 2
+    assert split.peak_total == max(s["model_states"] + a + r for s, a, r in
+                                   zip(split.per_stage, split.activations, split.optimizer_refresh))
+    assert split_memory(inv, [2, 2], world_size=2).optimizer_refresh == [0, 0]
