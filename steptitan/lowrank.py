@@ -214,7 +214,7 @@ class ProjectedAdamW(torch.optim.Optimizer):
             return _column_major(factor)
         m, n = p.shape
         r = min(rank, m, n)
-        local = _local(p)
+        local = _local(p.grad)  # the factor has the gradient's dtype (galore-torch casts the SVD's back to it)
         if right_projection(m, n):  # (r, n) column-major is (n, r) row-major, transposed
             out = _column_major(factor).t() if factor is not None else torch.empty((n, r), dtype=local.dtype,
                                                                                    device=local.device)
