@@ -62,13 +62,12 @@ class Galore(OptimizerPlugin):
 
     # Hooks that Fira (registry/optim/fira.py), GaLore plus a residual, overrides.
     projected_extra_bytes: ClassVar[int] = 0  # per projected weight, beyond moments and projection
+    residual: ClassVar[bool] = False  # Fira adds the projection's residual to the update
 
     def projection_options(self) -> dict[str, Any]:
         """The projected param group's options, in the package's own names."""
         return {"rank": self.options.rank, "update_proj_gap": self.options.update_proj_gap,
                 "scale": self.options.scale, "proj_type": "std"}
-
-    residual: ClassVar[bool] = False  # Fira adds the projection's residual (registry/optim/fira.py)
 
     def projector(self, group: dict[str, Any]) -> Any:
         """The package's projector object for a projected param group (its SVD routine and factor)."""
