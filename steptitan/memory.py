@@ -79,9 +79,12 @@ class OptimizerSpec:
         """(plugin, [(name, global shape)]) per torch optimizer of the stage: the trainable parameters in
         model order, as ``optim.build_stage_optimizers`` hands them to each plugin."""
         out: dict[int, tuple[Any, list[tuple[str, tuple[int, ...]]]]] = {}
+        plugins: dict[str, Any] = {}  # one instance per group (``plugin`` builds AdamW anew for an unlisted one)
         for s in specs:
             if s.trainable:
-                plugin = self.plugin(s.group)
+                if s.group not in plugins:
+                    plugins[s.group] = self.plugin(s.group)
+                plugin = plugins[s.group]
                 out.setdefault(id(plugin), (plugin, []))[1].append((s.name, tuple(s.shape)))
         return list(out.values())
 

@@ -142,6 +142,8 @@ def split_memory(inv: LayerInventory, layers: Sequence[int], world_size: int = 1
     Rank 0 always holds the largest dim-0 chunk, so its bytes are the peak.
     ``freeze_embeddings_after``: stage index from which embeddings and head are frozen (None = never)."""
     per_stage, trainable, acts, refresh = [], [], [], []
+    # only optimizers with transient step buffers (GaLore/Fira) need the stage's parameter list
+    refreshes = optimizer.refresh_bytes(list(inv.new) + list(inv.old) + list(inv.emb_trainable), world_size, 0) > 0
     n_old = 0
     for i, n_new in enumerate(layers):
         frozen_emb = freeze_embeddings_after is not None and i >= freeze_embeddings_after
@@ -154,10 +156,12 @@ def split_memory(inv: LayerInventory, layers: Sequence[int], world_size: int = 1
             for k in MEMORY_KEYS:
                 totals[k] += copies * one[k]
         per_stage.append(totals)
-        # the stage's parameters in model order (old blocks below the new ones, then embeddings and head)
-        stage_specs = [dataclasses.replace(s, name=f"layers.{k}.{s.name.split('.', 2)[2]}")
-                       for k, layer in enumerate([inv.old] * n_old + [inv.new] * n_new) for s in layer]
-        refresh.append(optimizer.refresh_bytes(stage_specs + list(emb), world_size, 0))
+        if refreshes:  # the stage's parameters in model order (old blocks below the new ones, then embeddings, head)
+            stage_specs = [dataclasses.replace(s, name=f"layers.{k}.{s.name.split('.', 2)[2]}")
+                           for k, layer in enumerate([inv.old] * n_old + [inv.new] * n_new) for s in layer]
+            refresh.append(optimizer.refresh_bytes(stage_specs + list(emb), world_size, 0))
+        else:
+            refresh.append(0)
         trainable.append(n_new * inv.layer_params + n_old * inv.adapter_params
                          + sum(math.prod(s.shape) for s in emb if s.trainable))
         shape = inv.shape.replace(n_layers=n_new + n_old)
