@@ -75,6 +75,33 @@ class OptimizerSpec:
                                                        step_slices))
 
 
+    def by_optimizer(self, specs: Iterable[ParamSpec]) -> list[tuple[Any, list[tuple[str, tuple[int, ...]]]]]:
+        """(plugin, [(name, global shape)]) per torch optimizer of the stage: the trainable parameters in
+        model order, as ``optim.build_stage_optimizers`` hands them to each plugin."""
+        out: dict[int, tuple[Any, list[tuple[str, tuple[int, ...]]]]] = {}
+        plugins: dict[str, Any] = {}  # one instance per group (``plugin`` builds AdamW anew for an unlisted one)
+        for s in specs:
+            if s.trainable:
+                if s.group not in plugins:
+                    plugins[s.group] = self.plugin(s.group)
+                plugin = plugins[s.group]
+                out.setdefault(id(plugin), (plugin, []))[1].append((s.name, tuple(s.shape)))
+        return list(out.values())
+
+    def refresh_bytes(self, specs: Sequence[ParamSpec], world_size: int = 1, rank: int = 0) -> int:
+        """Peak transient bytes of the optimizers' steps on ``rank`` (GaLore/Fira: the gathered gradient and
+        SVD factors of a projection refresh); the optimizers step one after another: the largest."""
+        return max((int(p.refresh_bytes(named, world_size, rank)) for p, named in self.by_optimizer(specs)), default=0)
+
+    def step_flops(self, specs: Sequence[ParamSpec], world_size: int = 1, rank: int = 0) -> dict[str, int]:
+        """FLOPs per optimizer step on ``rank`` by kind (GaLore/Fira: "projection", "svd" averaged over the gap)."""
+        out: dict[str, int] = {}
+        for plugin, named in self.by_optimizer(specs):
+            for kind, n in plugin.step_flops(named, world_size, rank).items():
+                out[kind] = out.get(kind, 0) + int(n)
+        return out
+
+
 MEMORY_KEYS = ("params_trainable", "params_frozen", "grads", "optimizer", "adapter_pools", "model_states")
 
 
@@ -123,6 +150,8 @@ class StageMemory:
     # per rank: model-state bytes alive at the switch into this stage (``switch_bytes``); empty for stage 0
     switch: list[int] = field(default_factory=list)
     host_bytes: list[int] = field(default_factory=list)  # per rank: state kept in host memory off the device
+    # per rank: the optimizers' FLOPs per step by kind (OptimizerPlugin.step_flops), e.g. GaLore's SVDs
+    optimizer_flops: list[dict[str, int]] = field(default_factory=list)
 
     @property
     def peak_switch(self) -> int:
@@ -180,8 +209,13 @@ def predict_stage(plan: Any, world_size: int, training: Any) -> StageMemory:
     overheads = [overhead_bytes(specs, plan.shape, training.batch_size, training.seq_len, precision, world_size, r,
                                 getattr(training, "grad_accum", 1), getattr(training, "grad_sync", "last"),
                                 device_type, resident=per_rank[r]["model_states"] + acts) for r in range(world_size)]
+    for r, o in enumerate(overheads):  # e.g. GaLore/Fira's projection refresh (steptitan/lowrank.py)
+        o["optimizer_refresh"] = optimizer.refresh_bytes(specs, world_size, r)
+        if device_type == "cuda":
+            o["fragmentation"] += o["optimizer_refresh"] // 10
     return StageMemory(plan.index, plan.name, plan.shape.n_layers, plan.trainable_params, plan.frozen_params,
-                       per_rank, acts, overheads, host_bytes=host)
+                       per_rank, acts, overheads, host_bytes=host,
+                       optimizer_flops=[optimizer.step_flops(specs, world_size, r) for r in range(world_size)])
 
 
 def switch_bytes(prev: StageMemory, new: StageMemory, copies_state: bool) -> list[int]:

@@ -85,6 +85,12 @@ class OptimizerPlugin:
       state bytes one rank holds for one trainable parameter (its FSDP2 dim-0 shard has
       ``local_shape``). The memory model (steptitan/memory.py) asks this; it must equal what
       ``metrics.memory_breakdown`` measures, or say in its docstring how far off it can be.
+
+    Optional (defaults: nothing beyond the state): ``refresh_bytes(named_shapes, world_size, rank)``,
+    the peak transient bytes its step allocates on ``rank`` beyond the state (counted among the
+    memory model's overheads), and ``step_flops(named_shapes, world_size, rank)``, the FLOPs per step
+    on ``rank`` beyond element-wise updates by kind; ``named_shapes`` are (name, global shape) of its
+    trainable parameters in the order the optimizer is built with.
     """
 
     Options: ClassVar[type]
@@ -135,6 +141,14 @@ class OptimizerPlugin:
     def state_bytes(self, name: str, local_shape: Sequence[int], global_shape: Sequence[int],
                     world_size: int = 1, step_slices: int = 1) -> int:
         raise NotImplementedError
+
+    def refresh_bytes(self, named_shapes: Sequence[tuple[str, Sequence[int]]], world_size: int = 1,
+                      rank: int = 0) -> int:
+        return 0
+
+    def step_flops(self, named_shapes: Sequence[tuple[str, Sequence[int]]], world_size: int = 1,
+                   rank: int = 0) -> dict[str, int]:
+        return {}
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.registry_name, "options": dataclasses.asdict(self.options)}

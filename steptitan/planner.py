@@ -10,9 +10,10 @@ from steptitan/memory.py and the activation estimate from steptitan/flops.py.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 import tomli_w
@@ -105,6 +106,9 @@ class SplitResult:
     per_stage: list[dict[str, int]]  # rank-0 (largest shard) model-state bytes per stage
     trainable: list[int]
     activations: list[int]
+    # rank-0 transient bytes of the optimizer step per stage (GaLore/Fira: a projection refresh's
+    # gathered gradient + SVD factors, OptimizerPlugin.refresh_bytes)
+    optimizer_refresh: list[int] = field(default_factory=list)
 
     @property
     def peak_model_states(self) -> int:
@@ -112,7 +116,8 @@ class SplitResult:
 
     @property
     def peak_total(self) -> int:
-        return max(s["model_states"] + a for s, a in zip(self.per_stage, self.activations))
+        refresh = self.optimizer_refresh or [0] * len(self.per_stage)
+        return max(s["model_states"] + a + r for s, a, r in zip(self.per_stage, self.activations, refresh))
 
 
 def compositions(total: int, parts: int, min_part: int = 1) -> Iterable[tuple[int, ...]]:
@@ -136,7 +141,9 @@ def split_memory(inv: LayerInventory, layers: Sequence[int], world_size: int = 1
 
     Rank 0 always holds the largest dim-0 chunk, so its bytes are the peak.
     ``freeze_embeddings_after``: stage index from which embeddings and head are frozen (None = never)."""
-    per_stage, trainable, acts = [], [], []
+    per_stage, trainable, acts, refresh = [], [], [], []
+    # only optimizers with transient step buffers (GaLore/Fira) need the stage's parameter list
+    refreshes = optimizer.refresh_bytes(list(inv.new) + list(inv.old) + list(inv.emb_trainable), world_size, 0) > 0
     n_old = 0
     for i, n_new in enumerate(layers):
         frozen_emb = freeze_embeddings_after is not None and i >= freeze_embeddings_after
@@ -149,6 +156,12 @@ def split_memory(inv: LayerInventory, layers: Sequence[int], world_size: int = 1
             for k in MEMORY_KEYS:
                 totals[k] += copies * one[k]
         per_stage.append(totals)
+        if refreshes:  # the stage's parameters in model order (old blocks below the new ones, then embeddings, head)
+            stage_specs = [dataclasses.replace(s, name=f"layers.{k}.{s.name.split('.', 2)[2]}")
+                           for k, layer in enumerate([inv.old] * n_old + [inv.new] * n_new) for s in layer]
+            refresh.append(optimizer.refresh_bytes(stage_specs + list(emb), world_size, 0))
+        else:
+            refresh.append(0)
         trainable.append(n_new * inv.layer_params + n_old * inv.adapter_params
                          + sum(math.prod(s.shape) for s in emb if s.trainable))
         shape = inv.shape.replace(n_layers=n_new + n_old)
@@ -161,7 +174,7 @@ def split_memory(inv: LayerInventory, layers: Sequence[int], world_size: int = 1
         local_batch = batch
         acts.append(activation_bytes(shape, local_batch, seq_len, precision, checkpointing, first))
         n_old += n_new
-    return SplitResult(tuple(layers), per_stage, trainable, acts)
+    return SplitResult(tuple(layers), per_stage, trainable, acts, refresh)
 
 
 def plan_splits(inv: LayerInventory, n_stages: int, top: int = 5, objective: str = "model_states",

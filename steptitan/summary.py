@@ -55,6 +55,7 @@ def stage_row(plan: StagePlan, model: nn.Module, optimizer: Any, env: DistEnv, t
         "predicted_activation_bytes": predicted.activations,
         "predicted_overhead_bytes": predicted.overheads,  # per rank: padding, buffers, logits, ... (flops.overhead_bytes)
         "flops_per_token": flops.as_dict(),
+        "predicted_optimizer_flops_per_step": predicted.optimizer_flops,  # per rank, by kind (e.g. GaLore's SVD)
         "train_flops": flops.total * plan.steps * env.world_size * t.batch_size * t.grad_accum * t.seq_len,
         "ranks": per_rank,
     }

@@ -1,21 +1,23 @@
-"""GaLore (Zhao et al., ICML 2024, arXiv 2403.03507) through galore-torch's GaLoreAdamW.
+"""GaLore (Zhao et al., ICML 2024, arXiv 2403.03507): galore-torch's projected Adam, run on FSDP2 shards.
 
 2-D block weights whose name matches ``targets`` (default: attention and FFN
 linears) get GaLore's projected Adam (Alg. 2: rank r, update_proj_gap T,
 scale alpha); every other parameter given to it gets plain Adam inside the
 same optimizer, as in the GaLore repository's torchrun_main.py.
 
-State of an m x n projected weight: Adam moments of the projected gradient
-(m x r' if m >= n, else r' x n, r' = min(r, the smaller side)) and the
-projection matrix (r' x n or m x r') on a Python projector object; other
-parameters: two fp32 moments. Steps are Python ints (0 bytes).
+The step is galore-torch's ``GaLoreAdamW`` arithmetic, written for dim-0 shards
+(``steptitan.lowrank.ProjectedAdamW``): each projected weight's SVD runs once,
+on the rank that owns it (round robin), and its projector is broadcast; the
+update is computed for this rank's rows only. The projector itself is the
+package's ``GaLoreProjector`` (its SVD routine), so the result is the package's
+(bit for bit without a process group; to float32 tolerance sharded, tested).
 
-Under FSDP2 the projection's SVD and matmuls run on DTensor gradients, so the
-projection comes from the full gradient as on one device; DTensor picks the
-projected moments' placements, which the byte count (it assumes dim-0 shards
-of the local shape) does not follow on more than one rank: measured under 2%
-off (BENCHMARKS.md). Not resumable: the projector is a Python object in the
-optimizer state that DCP cannot save (docs/optimizers.md).
+State of an m x n projected weight (global shape, r' = min(r, m, n)): Adam
+moments of the projected gradient (this rank's m_loc x r' rows if m >= n; the
+whole r' x n, replicated, if m < n) and the projector (the whole r' x n if
+m >= n; this rank's m_loc x r' rows if m < n); other parameters: two fp32
+moments. Steps are Python ints (0 bytes). Not resumable: the projector is a
+Python object in the optimizer state that DCP cannot save (docs/optimizers.md).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from typing import Any, ClassVar, Sequence
 import torch
 from torch import nn
 
+from steptitan.distributed import local_rows
+from steptitan.lowrank import ProjectedAdamW, owner_of, refresh_buffer_bytes, svd_flops
 from steptitan.optim import OptimizerHParams, OptimizerPlugin
 from steptitan.registry import OPTIM
 
@@ -58,30 +62,64 @@ class Galore(OptimizerPlugin):
 
     # Hooks that Fira (registry/optim/fira.py), GaLore plus a residual, overrides.
     projected_extra_bytes: ClassVar[int] = 0  # per projected weight, beyond moments and projection
+    residual: ClassVar[bool] = False  # Fira adds the projection's residual to the update
 
     def projection_options(self) -> dict[str, Any]:
         """The projected param group's options, in the package's own names."""
         return {"rank": self.options.rank, "update_proj_gap": self.options.update_proj_gap,
                 "scale": self.options.scale, "proj_type": "std"}
 
-    def optimizer_class(self) -> type[torch.optim.Optimizer]:
-        from galore_torch import GaLoreAdamW
+    def projector(self, group: dict[str, Any]) -> Any:
+        """The package's projector object for a projected param group (its SVD routine and factor)."""
+        from galore_torch.galore_projector import GaLoreProjector
 
-        return GaLoreAdamW
+        return GaLoreProjector(group["rank"], update_proj_gap=group["update_proj_gap"], scale=group["scale"],
+                               proj_type=group["proj_type"])
 
     def build(self, named_params: Sequence[tuple[str, nn.Parameter]], hparams: OptimizerHParams) -> torch.optim.Optimizer:
         self.check_available()
         groups = [{"params": [p for n, p in named_params if not self.projects(n, p.dim())]},
                   {"params": [p for n, p in named_params if self.projects(n, p.dim())], **self.projection_options()}]
-        return self.optimizer_class()([g for g in groups if g["params"]], lr=hparams.lr, betas=hparams.betas,
-                                      eps=hparams.eps, weight_decay=hparams.weight_decay, no_deprecation_warning=True)
+        return ProjectedAdamW([g for g in groups if g["params"]], self.projector, self.residual, lr=hparams.lr,
+                              betas=hparams.betas, eps=hparams.eps, weight_decay=hparams.weight_decay)
 
     def state_bytes(self, name: str, local_shape: Sequence[int], global_shape: Sequence[int],
                     world_size: int = 1, step_slices: int = 1) -> int:
         if not self.projects(name, len(local_shape)):
             return 8 * math.prod(local_shape)
-        m, n = local_shape
+        m_loc = local_shape[0]
+        m, n = global_shape
         r, right = projected_side(m, n, self.options.rank)
-        # right: moments (m, r') + projection (r', n); left: moments (r', n) + projection (m, r')
-        moments_and_projection = 4 * (2 * m * r + r * n) if right else 4 * (2 * r * n + m * r)
+        r = min(r, m)
+        # right: moments (m_loc, r') + projector (r', n); left: moments (r', n) replicated + projector rows (m_loc, r')
+        moments_and_projection = 4 * (2 * m_loc * r + r * n) if right else 4 * (2 * r * n + m_loc * r)
         return moments_and_projection + self.projected_extra_bytes
+
+    def _owned(self, named_shapes: Sequence[tuple[str, Sequence[int]]], world_size: int,
+               rank: int) -> list[tuple[int, int]]:
+        """Global (m, n) of the projected weights ``rank`` computes the SVD of: the optimizer's projected
+        parameters in ``named_shapes``' order (the order the optimizer is built in), dealt round robin."""
+        projected = [tuple(s) for n, s in named_shapes if self.projects(n, len(s))]
+        return [s for k, s in enumerate(projected) if owner_of(k, world_size) == rank]
+
+    def refresh_bytes(self, named_shapes: Sequence[tuple[str, Sequence[int]]], world_size: int = 1,
+                      rank: int = 0) -> int:
+        """Peak transient bytes of a projection refresh on ``rank``: the largest gathered gradient it owns
+        (padded to FSDP2's chunks) with its SVD factors; one rank keeps no gather buffer."""
+        return max((refresh_buffer_bytes(m, n, world_size) for m, n in self._owned(named_shapes, world_size, rank)),
+                   default=0)
+
+    def step_flops(self, named_shapes: Sequence[tuple[str, Sequence[int]]], world_size: int = 1,
+                   rank: int = 0) -> dict[str, int]:
+        """FLOPs per step on ``rank`` of the projection: projecting the gradient and back (and Fira's
+        residual: a second projection back) on this rank's rows, and the SVDs it owns averaged over
+        ``update_proj_gap`` steps. Adam's element-wise work is not counted."""
+        matmuls = 2 + int(self.residual)
+        projection = 0
+        for name, shape in named_shapes:
+            if self.projects(name, len(shape)):
+                m, n = shape
+                r = min(self.options.rank, m, n)
+                projection += matmuls * 2 * local_rows(m, world_size, rank) * n * r
+        svd = sum(svd_flops(m, n) for m, n in self._owned(named_shapes, world_size, rank))
+        return {"projection": projection, "svd": svd // self.options.update_proj_gap}
