@@ -89,9 +89,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--include-path", help=f"a folder of extra lm-eval task YAMLs (the offline ones: {REPO_TASKS.name}/)")
     p.add_argument("--limit", type=int, help="at most this many examples per task (quick checks)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="cuda" if _has_cuda() else "cpu")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--out", help="where to write the scores (default: <run>/eval/<tasks>.json)")
     args = p.parse_args(argv)
+    args.device = args.device or ("cuda" if _has_cuda() else "cpu")  # torch only now: --help does not import it
     from steptitan.export import ExportError, export, find_checkpoint
     from steptitan.recipe import RecipeError
 
