@@ -48,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     if command == "train":
         from steptitan.launch import launch, split_nproc
-        from steptitan.train import main as train_main
+        from steptitan.train import main as train_main, parse_args, refuse_early
 
         try:
             nproc, rest = split_nproc(rest)
@@ -56,6 +56,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"steptitan train: error: {exc}", file=sys.stderr)
             return 2
         if nproc is not None:
+            # A finished run, a locked folder or an unreadable recipe: said here, before torchrun and its ranks start.
+            refused = refuse_early(parse_args(rest), rank=0)
+            if refused is not None:
+                return refused
             launch(nproc, rest)  # does not return
         return train_main(rest)
     if command == "prepare":

@@ -20,36 +20,39 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Sequence
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Sequence
 
 from steptitan.recipe import MetricsConfig
 
+if TYPE_CHECKING:  # torch is imported where a model runs: `steptitan generate --help` needs none of it
+    import torch
+    from torch import nn
 
-@torch.no_grad()
+
 def sample(model: nn.Module, ids: list[int], max_new_tokens: int, temperature: float = 0.8, top_k: int = 50,
            seed: int = 0, context: int = 2048, device: torch.device | str = "cpu") -> list[int]:
     """``max_new_tokens`` token ids continuing ``ids``: temperature 0 = greedy, top_k 0 = no cut."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    out = list(ids)
-    was_training = model.training
-    model.eval()
-    for _ in range(max_new_tokens):
-        x = torch.tensor([out[-context:]], dtype=torch.long, device=device)
-        logits = model(x)[0, -1].float().cpu()
-        if temperature <= 0:
-            nxt = int(logits.argmax())
-        else:
-            logits = logits / temperature
-            if 0 < top_k < logits.numel():
-                kth = torch.topk(logits, top_k).values[-1]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            nxt = int(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=gen))
-        out.append(nxt)
-    model.train(was_training)
-    return out[len(ids):]
+    import torch
+
+    with torch.no_grad():
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        out = list(ids)
+        was_training = model.training
+        model.eval()
+        for _ in range(max_new_tokens):
+            x = torch.tensor([out[-context:]], dtype=torch.long, device=device)
+            logits = model(x)[0, -1].float().cpu()
+            if temperature <= 0:
+                nxt = int(logits.argmax())
+            else:
+                logits = logits / temperature
+                if 0 < top_k < logits.numel():
+                    kth = torch.topk(logits, top_k).values[-1]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                nxt = int(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=gen))
+            out.append(nxt)
+        model.train(was_training)
+        return out[len(ids):]
 
 
 def complete(model: nn.Module, tokenizer, eos_id: int | None, prompt: str, max_new_tokens: int,

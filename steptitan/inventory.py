@@ -8,9 +8,10 @@ activation estimate, and flops.py on this inventory (issue 23, item 9).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
+if TYPE_CHECKING:  # a type only: `steptitan plan --help` reads PRECISIONS without importing torch
+    from torch import nn
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 

@@ -132,12 +132,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                                           "kjv_choice are always there)")
     p.add_argument("--limit", type=int, help="at most this many examples per task (quick checks)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="cuda" if _has_cuda() else "cpu")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--out", help="where to write the scores (default: <run>/eval/<tasks>.json)")
     p.add_argument("--max-length", type=int, default=None,
                    help="context tokens given to lm-eval (default: the sequence length the run trained at; longer "
                         "contexts are left-truncated, and a continuation must fit)")
     args = p.parse_args(argv)
+    args.device = args.device or ("cuda" if _has_cuda() else "cpu")  # torch only now: --help does not import it
     from steptitan.export import ExportError, export, find_checkpoint, recipe_for
     from steptitan.recipe import RecipeError
     from steptitan.trackers import TrackerError, log_eval_scores

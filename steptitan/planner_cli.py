@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-from steptitan.memory import PRECISIONS, OptimizerSpec, Precision
-from steptitan.model import ModelShape
-from steptitan.planner import largest_fitting, layer_inventory, plan_splits, schedule_recipe, split_memory, vanilla_memory
+from steptitan.inventory import PRECISIONS, Precision
+
+if TYPE_CHECKING:  # the model stack (torch, torchtitan) is imported in plan_cli: `--help` needs none of it
+    from steptitan.memory import OptimizerSpec
+    from steptitan.model import ModelShape
 
 
 def _parse_bytes(text: str) -> int:
@@ -227,15 +229,18 @@ def plan_cli(argv: Sequence[str] | None = None) -> int:
     """``steptitan plan``: best stage splits, a recipe, or the largest model for a budget."""
     import sys
 
-    from steptitan.metrics import fmt_bytes
-    from steptitan.model import torchtitan_ffn_hidden
-    from steptitan.optim import resolve_assignment
-    from steptitan.plan import format_table
-    from steptitan.recipe import RecipeError
-
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = build_parser()
     args = ap.parse_args(argv)
+    # The model stack (torch, torchtitan) only once the arguments parsed: `--help` and a bad flag need none of it.
+    from steptitan.memory import OptimizerSpec
+    from steptitan.metrics import fmt_bytes
+    from steptitan.model import ModelShape, torchtitan_ffn_hidden
+    from steptitan.optim import resolve_assignment
+    from steptitan.plan import format_table
+    from steptitan.planner import largest_fitting, layer_inventory, plan_splits, schedule_recipe, split_memory, vanilla_memory
+    from steptitan.recipe import RecipeError
+
     given = {a.dest for a in ap._actions if a.option_strings and _given(ap, argv, a.dest)}
     args.precision_obj = args.assignment = args.peft_spec = args.embed_spec = args.recipe_split = None
     recipe_parallel, used, ignored = None, [], []

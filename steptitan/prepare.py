@@ -37,15 +37,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from steptitan.data import DataError, prepare_data
+    args = parse_args(argv)
+    from steptitan.corpus import DataError
     from steptitan.recipe import RecipeError, load_recipe
 
-    args = parse_args(argv)
     if args.workers < 0 or args.piece_chars < 1:
         print("steptitan prepare: error: --workers must be >= 0 and --piece-chars >= 1", file=sys.stderr)
         return 2
     try:
         recipe = load_recipe(args.recipe, args.overrides)
+        from steptitan.data import prepare_data  # torch: after the recipe and arguments are known to be usable
+
         data = prepare_data(recipe.data, recipe.model.vocab_size, workers=args.workers, bar=True,
                             piece_chars=args.piece_chars)
     except (RecipeError, DataError) as exc:

@@ -256,8 +256,12 @@ class Recipe:
 
     @property
     def run_dir(self) -> Path:
-        return Path(os.path.expanduser(self.output_dir.format(name=self.name)))
+        return run_dir_path(self.name, self.output_dir)
 
+
+def run_dir_path(name: str, output_dir: str) -> Path:
+    """The run folder: ``output_dir`` with ``{name}`` filled in and ``~`` expanded (also read from a raw recipe)."""
+    return Path(os.path.expanduser(output_dir.format(name=name)))
 
 
 # --------------------------------------------------------------------------- loading and overrides

@@ -15,6 +15,7 @@ Rules (docs/reliability.md section 6), all checked before any process group star
   a folder of an older steptitan) is left untouched:
   ``finished_message`` makes every rank stop at once with "already finished";
 * a second launch into a folder whose lock is held is refused at once, naming the holder;
+  both are checked from the raw recipe before the heavy imports too (steptitan/run_lock.py);
 * ``overwrite=true`` deletes only what steptitan wrote: a folder with the marker or
   with nothing but steptitan's layout; anything else is refused;
 * resuming (``auto`` or an explicit ``checkpoint.resume=<path>``) requires the
@@ -23,8 +24,6 @@ Rules (docs/reliability.md section 6), all checked before any process group star
 
 from __future__ import annotations
 
-import datetime
-import fcntl
 import json
 import os
 import shutil
@@ -34,28 +33,13 @@ from typing import Any
 
 from steptitan.checkpoint import checkpoint_problem, list_checkpoints, newest_intact, read_checkpoint
 from steptitan.plan import StagePlan, plan_fingerprint
-from steptitan.recipe import Recipe, RecipeError, to_dict
+from steptitan.recipe import Recipe, to_dict
+# The lock and the finished marker need no torch: a launch is refused from them before the heavy imports.
+from steptitan.run_lock import LOCK_NAME, MARKER_NAME, RunDirError, RunLock, finished_text, read_marker
+from steptitan.run_lock import now as _now
 
-LOCK_NAME = ".steptitan.lock"
-MARKER_NAME = ".steptitan-run.json"
 # Names steptitan writes into a run folder (a folder holding only these is a steptitan run folder).
 LAYOUT = {LOCK_NAME, MARKER_NAME, "recipe.json", "checkpoints", "tb", "wandb", "summary.json", "summary.json.tmp"}
-
-
-class RunDirError(RecipeError):
-    """The output folder cannot be used; found before any process group starts (exit code 2)."""
-
-
-def _now() -> str:
-    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-
-
-def read_marker(run_dir: Path) -> dict[str, Any] | None:
-    try:
-        marker = json.loads((run_dir / MARKER_NAME).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return marker if isinstance(marker, dict) else None
 
 
 def _write_json(path: Path, obj: dict[str, Any]) -> None:
@@ -65,67 +49,9 @@ def _write_json(path: Path, obj: dict[str, Any]) -> None:
 
 
 def finished_message(recipe: Recipe) -> str | None:
-    """"already finished" text when the run folder holds this finished run (and overwrite is off), else None.
-
-    Every rank calls this (a cheap read): under torchrun every rank must leave
-    on its own, since a rank that exits 0 does not make torchrun stop its peers.
-    """
-    run_dir = recipe.run_dir
-    if recipe.overwrite or not (run_dir / "summary.json").is_file():
-        return None
-    marker = read_marker(run_dir)
-    # No marker: a folder finished by a steptitan older than the marker (summary.json is written at a run's end
-    # only). A marker saying "running" beside a summary.json: a finished run trained on (longer), then stopped.
-    if marker is not None and marker.get("status") != "finished":
-        return None
-    if _stage_steps(run_dir) != [stage.steps for stage in recipe.stages]:
-        return None  # the same run asked to train longer (or shorter): resume from its checkpoints instead
-    when = (marker or {}).get("finished") or "before its run marker existed"
-    return (f"run {recipe.name!r} in {run_dir} already finished ({when}); "
-            f"summary.json and the logs are left untouched. Pass overwrite=true to train it again from scratch, "
-            f"or delete summary.json to re-run its last stage end from the newest checkpoint")
-
-
-def _stage_steps(run_dir: Path) -> list[int] | None:
-    """Steps per stage of the recipe the finished run was trained with (its recipe.json), None if unreadable."""
-    try:
-        return [int(stage["steps"]) for stage in json.loads((run_dir / "recipe.json").read_text())["stages"]]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-class RunLock:
-    """An exclusive ``flock`` on ``<run>/.steptitan.lock`` held until the process exits.
-
-    The kernel drops the lock when the holder dies, however it dies, so a
-    stale lock file never blocks a later run.
-    """
-
-    def __init__(self, run_dir: Path):
-        self.path = run_dir / LOCK_NAME
-        try:
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)  # no O_TRUNC: the holder's info stays
-        except OSError as exc:
-            raise RunDirError(f"cannot write to output folder {run_dir}: {exc.strerror} "
-                              f"(is it read-only?); choose another output_dir=") from None
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(self.fd, 4096, 0).decode(errors="replace")
-            os.close(self.fd)
-            try:
-                info = json.loads(holder)
-                who = f"pid {info['pid']} on host {info['host']}, started {info['started']}"
-            except (ValueError, KeyError, TypeError):
-                who = "a process that has not written its details yet"
-            raise RunDirError(f"output folder {run_dir} is in use by another steptitan run ({who}); wait for it "
-                              f"to finish or stop it, or choose another name= / output_dir=") from None
-        info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": _now()})
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, info.encode(), 0)
-
-    def release(self) -> None:
-        os.close(self.fd)  # closing the only descriptor drops the flock
+    """"already finished" text when the run folder holds this finished run (and overwrite is off), else None
+    (run_lock.finished_text; every rank calls it)."""
+    return finished_text(recipe.run_dir, recipe.name, recipe.overwrite, [stage.steps for stage in recipe.stages])
 
 
 def _foreign_entries(run_dir: Path) -> list[str]:

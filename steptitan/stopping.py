@@ -24,8 +24,10 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch only where a step needs it: train.py imports this module before deciding to train
+    import torch
 
 # Process exit codes beyond train.py's 0-4 (docs/reliability.md).
 EXIT_PREEMPTED = 5  # SIGTERM: a checkpoint of the current step was saved; run the same command to resume
@@ -74,6 +76,7 @@ def sigterm_flag() -> float:
 
 def stop_requested(device: torch.device) -> bool:
     """True on every rank if any rank got SIGTERM (one all-reduce of a flag: all ranks take the same branch)."""
+    import torch
     import torch.distributed as dist
 
     flag = torch.tensor([1.0 if _state["sigterm_at"] else 0.0], device=device)

@@ -1,9 +1,13 @@
 """Entry point: ``torchrun --nproc_per_node=N -m steptitan.train RECIPE.toml [key=value ...]``.
 
 Also runs as a single process (``python -m steptitan.train ...``). Order of
-work: parse and validate the recipe, resolve the stage plan, prepare data --
-all before any process group exists, so a bad recipe costs one clear message
-and no hung ranks -- then start the process group and train.
+work: read the recipe's TOML and overrides and check the run folder (a finished
+run, a lock held by another run) -- with the standard library alone, so such a
+refusal comes in seconds, not after torch, torchtitan and the stage plans
+(10-40 s on a loaded machine); then validate the recipe, resolve the stage plan,
+prepare data -- all before any process group exists, so a bad recipe costs one
+clear message and no hung ranks -- then start the process group and train.
+Torch and the model stack are imported inside the functions that need them.
 """
 
 from __future__ import annotations
@@ -12,12 +16,13 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-from steptitan.data import DataError, check_data_fits, prepare_data
-from steptitan.distributed import env_world_size
-from steptitan.plan import StagePlan, build_plan
-from steptitan.recipe import Recipe, RecipeError, load_recipe, parallel_degrees
+from steptitan.corpus import DataError
+from steptitan.recipe import Recipe, RecipeError, load_recipe, load_recipe_dict, parallel_degrees
+
+if TYPE_CHECKING:
+    from steptitan.plan import StagePlan
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -37,6 +42,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def resolve(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, Recipe, list[StagePlan]]:
+    from steptitan.plan import build_plan
+
     args = parse_args(argv)
     recipe = load_recipe(args.recipe, args.overrides)
     plans = build_plan(recipe)
@@ -125,6 +132,7 @@ def check_memory_fits(recipe: Recipe, plans: list[StagePlan]) -> None:
     estimated), so e.g. ``model.dim=1048576`` or a LoRA rank of 100000 is one
     clear message instead of minutes of swapping or an OOM kill.
     """
+    from steptitan.distributed import env_world_size
     from steptitan.memory import predict_recipe
     from steptitan.metrics import fmt_bytes
 
@@ -143,23 +151,60 @@ def check_memory_fits(recipe: Recipe, plans: list[StagePlan]) -> None:
                 f"(see `steptitan train RECIPE --dry-run`)")
 
 
+def refuse_early(args: argparse.Namespace, rank: int) -> int | None:
+    """The run folder's checks from the raw recipe (TOML + overrides), before torch, torchtitan and the plans.
+
+    Returns the exit code when this launch stops here, else None: a recipe that cannot be read
+    (file, TOML, an override) is exit 2; a finished run "already finished", exit 0 on every rank
+    (rank 0 says it); a folder whose lock another run holds is exit 2 (rank 0 probes: rank 0 alone
+    takes the lock, later, in rundir.prepare_run_dir -- the lock, not this probe, lets one run in).
+    ``--dry-run`` touches no folder. What the raw recipe cannot tell (a value of the wrong type) is
+    left to the full validation.
+    """
+    from steptitan.run_lock import RunDirError, finished_text, lock_holder, run_folder_of
+
+    try:
+        data = load_recipe_dict(args.recipe, args.overrides)
+        folder = None if args.dry_run else run_folder_of(data)
+        if folder is None:
+            return None
+        finished = finished_text(folder.run_dir, folder.name, folder.overwrite, folder.stage_steps)
+        if finished:  # every rank: torchrun does not stop peers of a rank exiting 0
+            if rank == 0:
+                print(f"steptitan: {finished}", file=sys.stderr)
+            return EXIT_OK
+        busy = lock_holder(folder.run_dir) if rank == 0 else None
+        if busy:
+            raise RunDirError(busy)
+    except RecipeError as exc:
+        print(f"steptitan: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    from steptitan import rundir, stopping
-    from steptitan.checkpoint import DiskSpaceError
+    from steptitan import stopping
 
     rank = int(os.environ.get("RANK", "0"))
     stopping.install_sigterm_handler()  # SIGTERM before the process group: exit at once, code 5
     stopping.install_sigint_once()
-    from steptitan.metrics import setup_logging
-
-    setup_logging(rank, verbose=False)  # before plugins load: a library's import-time warning is shown by rank 0 only
     try:
+        refused = refuse_early(parse_args(argv), rank)  # seconds: nothing heavy is imported yet
+        if refused is not None:
+            return refused
+        from steptitan.metrics import setup_logging
+
+        setup_logging(rank, verbose=False)  # before plugins load: a library's import-time warning is shown by rank 0 only
+        from steptitan import rundir
+        from steptitan.data import check_data_fits, prepare_data
+        from steptitan.distributed import env_world_size
+
         args, recipe, plans = resolve(argv)
         if args.dry_run:  # steptitan/dryrun.py; exit 2 when a data file is missing
             from steptitan.dryrun import dry_run
 
             return dry_run(recipe, plans, args.world_size or env_world_size(), args.json) if rank == 0 else 0
-        finished = rundir.finished_message(recipe)  # every rank: torchrun does not stop peers of a rank exiting 0
+        finished = rundir.finished_message(recipe)  # the typed recipe's answer (refuse_early read the raw one)
         if finished:
             if rank == 0:
                 print(f"steptitan: {finished}", file=sys.stderr)
@@ -177,7 +222,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return stopping.EXIT_INTERRUPTED
 
     # Heavy imports and the process group only after everything is validated.
+    from steptitan.checkpoint import DiskSpaceError
     from steptitan.distributed import init_distributed, shutdown_distributed
+    from steptitan.metrics import setup_logging
     from steptitan.trackers import TrackerError
     from steptitan.trainer import Trainer, TrainingError
 
