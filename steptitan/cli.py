@@ -91,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return generate_main(rest)
     if command == "export":
-        from steptitan.export import main as export_main
+        from steptitan.export_cli import main as export_main
 
         return export_main(rest)
     if command == "list-plugins":

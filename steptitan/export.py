@@ -24,11 +24,9 @@ The folder is what ``model.init_from`` reads back (steptitan/hf.py, docs/hugging
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +35,7 @@ import torch
 from steptitan.checkpoint import CheckpointInfo, list_checkpoints, read_checkpoint
 from steptitan.model import ModelShape, base_param_names, init_model_weights, model_args
 from steptitan.plan import StagePlan, build_plan
-from steptitan.recipe import Recipe, RecipeError, load_recipe, recipe_from_dict
+from steptitan.recipe import Recipe, load_recipe, recipe_from_dict
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -274,26 +272,3 @@ def export(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, recipe_pat
     }, indent=1))
     _readable(written + [out / "steptitan_export.json"])
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="steptitan export", description=__doc__.split("\n\n")[0])
-    p.add_argument("checkpoint", help="a checkpoint folder (stageNN-stepNNNNNN) or a run folder (its newest checkpoint)")
-    p.add_argument("out", help="output folder for model.safetensors + config.json")
-    p.add_argument("overrides", nargs="*", help="key=value recipe overrides (with --recipe)")
-    p.add_argument("--recipe", help="the recipe TOML, when the run folder has no recipe.json / summary.json")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the saved weights")
-    args = p.parse_args(argv)
-    if args.overrides and not args.recipe:
-        p.error("key=value overrides need --recipe")
-    try:
-        out = export(args.checkpoint, args.out, args.recipe, args.overrides, args.dtype)
-    except (ExportError, RecipeError, FileNotFoundError) as exc:
-        print(f"steptitan export: error: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}/model.safetensors and config.json")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

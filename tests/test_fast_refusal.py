@@ -63,10 +63,14 @@ def tree(folder: Path) -> dict[str, bytes]:
 # --------------------------------------------------------------------------- --help
 
 
-COMMANDS = ["train", "prepare", "plan", "sweep", "bench", "paired", "eval", "generate",
-            # export.py builds its parser beside the loading code (torch, the model stack and the plans at module
-            # level) that issue 23's items 1-2 rework at the same time; its lazy imports are left to follow them.
-            pytest.param("export", marks=pytest.mark.xfail(strict=True, reason="export.py imports torch at module level"))]
+COMMANDS = ["train", "prepare", "plan", "sweep", "bench", "paired", "eval", "generate", "export"]
+
+
+def test_export_cli_offers_the_dtypes_export_writes():
+    from steptitan.export import DTYPES
+    from steptitan.export_cli import DTYPE_NAMES
+
+    assert sorted(DTYPE_NAMES) == sorted(DTYPES)
 
 
 def test_steptitan_help_imports_neither_torch_nor_torchtitan(tmp_path):

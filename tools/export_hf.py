@@ -6,7 +6,7 @@ Same as ``steptitan export``; the code lives in steptitan/export.py.
 
 import sys
 
-from steptitan.export import main
+from steptitan.export_cli import main
 
 if __name__ == "__main__":
     sys.exit(main())
