@@ -1,4 +1,6 @@
-"""`steptitan train --dry-run` and `steptitan plan`, through the real command line (subprocesses).
+"""`steptitan train --dry-run` and `steptitan plan`, through the console command's entry point
+(``steptitan.cli.main`` with the same argv, in this process: a subprocess would only add ~10-15 s of
+imports per call, issue 23 item 10; ``python -m steptitan`` itself is started by test_prepare / test_sweep).
 
 Expected numbers are computed here from parameter counts and the bytes-per-parameter rule
 (fp32 AdamW: 4 B weight + 4 B gradient + 8 B moments per trainable parameter, 4 B per frozen
@@ -7,22 +9,28 @@ fp32 parameter), not by steptitan's memory model.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
-import os
 import re
 import subprocess
-import sys
-from pathlib import Path
 
 from conftest import REPO
 
 STEP = REPO / "recipes" / "step.toml"
 
 
-def cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "steptitan", *args], capture_output=True, text=True, cwd=cwd,
-                          env=env, timeout=900)
+def cli(*args: str) -> subprocess.CompletedProcess:
+    """``steptitan ARGS``: exit code, stdout and stderr of the console command, run in this process."""
+    from steptitan.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as exc:  # argparse errors and --help
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    return subprocess.CompletedProcess(["steptitan", *args], code, out.getvalue(), err.getvalue())
 
 
 def table(out: str, first_header: str) -> tuple[list[str], list[str]]:

@@ -71,27 +71,45 @@ def _evaluate_fixed_weights(env, recipe_dict):
 LR, WARMUP, TOTAL, FLOOR = 1e-3, 3, 6, 0.1
 
 
-def _one_rank_runs(env, eval_dict, lr_dict):
-    return _evaluate_fixed_weights(env, eval_dict), _logged_lrs(env, lr_dict)
+def _recipes(tmp) -> dict[str, dict]:
+    """The recipe of each run below, by name."""
+    d = {"eval": _recipe_dict(str(tmp / "eval"), eval_batches=3),
+         "lr": _recipe_dict(str(tmp / "lr"), lr=LR, warmup_steps=WARMUP, decay_type="linear", min_lr_factor=FLOOR,
+                            steps_per_log=1, eval_batches=1),
+         "final": _recipe_dict(str(tmp / "final"), eval_batches=1, final_eval_batches=0)}
+    for scope in ("run", "stage"):  # test_run_lr_schedule_is_one_warmup_and_decay_over_all_stages
+        d[scope] = _recipe_dict(str(tmp / scope), lr=LR, warmup_steps=WARMUP, decay_type="linear", min_lr_factor=FLOOR,
+                                eval_batches=1, lr_schedule=scope)
+        d[scope]["stages"] = [{"name": "s0", "steps": 4}, {"name": "s1", "steps": 5}]
+    return d
+
+
+def _one_rank_runs(env, recipes):
+    return {"eval": _evaluate_fixed_weights(env, recipes["eval"]), "lr": _logged_lrs(env, recipes["lr"]),
+            "final": _final_block_losses(env, recipes["final"]),
+            "run": _used_lrs_in_order(env, recipes["run"]), "stage": _used_lrs_in_order(env, recipes["stage"])}
+
+
+def _two_rank_runs(env, recipes):
+    return {"eval": _evaluate_fixed_weights(env, recipes["eval"]), "final": _final_block_losses(env, recipes["final"])}
 
 
 @pytest.fixture(scope="module")
-def one_rank(tmp_path_factory):
-    """Both tests' one-rank runs in one spawned process (issue 23 item 10: a spawn costs seconds of imports)."""
-    tmp = tmp_path_factory.mktemp("evallr")
-    eval_dict = _recipe_dict(str(tmp / "eval"), eval_batches=3)
-    lr_dict = _recipe_dict(str(tmp / "lr"), lr=LR, warmup_steps=WARMUP, decay_type="linear", min_lr_factor=FLOOR,
-                           steps_per_log=1, eval_batches=1)
-    (result,) = run_distributed(_one_rank_runs, 1, eval_dict=eval_dict, lr_dict=lr_dict)
-    return {"eval": result[0], "lr": result[1], "eval_dict": eval_dict}
+def runs(tmp_path_factory):
+    """Every test's one-rank runs in one spawned process and its two-rank runs in one spawned pair (issue 23
+    item 10: a spawn costs seconds of imports). Each run builds its own Trainer from its own recipe."""
+    recipes = _recipes(tmp_path_factory.mktemp("evallr"))
+    (one,) = run_distributed(_one_rank_runs, 1, recipes=recipes)
+    two = run_distributed(_two_rank_runs, 2, recipes=recipes)
+    return {"one": one, "two": {key: [rank[key] for rank in two] for key in two[0]}}
 
 
 @pytest.mark.dist
-def test_val_loss_is_the_same_on_1_and_2_ranks(one_rank):
+def test_val_loss_is_the_same_on_1_and_2_ranks(runs):
     """Issue 11: eval_batches counted batches per rank, so 2 ranks evaluated twice the blocks of 1 rank.
     eval_batches=3, batch 4: 12 blocks; on 2 ranks 2 rounds of 2 x 4 slots, the last 4 padding."""
-    one, reference = one_rank["eval"]
-    two = run_distributed(_evaluate_fixed_weights, 2, recipe_dict=one_rank["eval_dict"])
+    one, reference = runs["one"]["eval"]
+    two = runs["two"]["eval"]
     assert two[0][0] == two[1][0]  # all-reduced: every rank reports the same
     assert one == pytest.approx(reference, rel=1e-6, abs=1e-6)
     assert two[0][0] == pytest.approx(one, rel=1e-6, abs=1e-6)
@@ -120,14 +138,14 @@ def _logged_lrs(env, recipe_dict):
     return logged, used
 
 
-def test_logged_lr_is_the_lr_the_step_used(one_rank):
+def test_logged_lr_is_the_lr_the_step_used(runs):
     """Issue 11: the scheduler stepped before log_step read it, so step s logged step s+1's LR. The logged LR
     must be the one in the optimizers' param groups when step s's optimizer.step() ran, and its values
     come from the schedule's definition (torchtitan 0.2.2: linear warm-up, one stable step, then
     linear decay to min_lr_factor over T - W steps), 1-based: step s <= W runs at lr s / W, step W + 1 at lr,
     step s > W + 1 at lr (f + (1 - f)(1 - (s - W - 1) / (T - W)))."""
     lr, warmup, total, floor = LR, WARMUP, TOTAL, FLOOR
-    logged, used = one_rank["lr"]
+    logged, used = runs["one"]["lr"]
     assert sorted(used) == list(range(1, total + 1))
     for s in range(1, total + 1):  # the logged LR is the one the optimizer stepped with
         assert used[s] == {logged[s]}, (s, logged[s], used[s])
@@ -159,12 +177,11 @@ def _final_block_losses(env, recipe_dict):
 
 
 @pytest.mark.dist
-def test_final_evaluation_keeps_every_blocks_loss_on_1_and_2_ranks(tmp_path):
+def test_final_evaluation_keeps_every_blocks_loss_on_1_and_2_ranks(runs):
     """final_eval_batches = 0: the whole validation split, each block's loss kept (the benchmark bootstraps
     over them), the same list on 1 and 2 ranks; the loss is their mean."""
-    d = _recipe_dict(str(tmp_path / "run"), eval_batches=1, final_eval_batches=0)
-    (one, blocks_one, reference), = run_distributed(_final_block_losses, 1, recipe_dict=d)
-    two = run_distributed(_final_block_losses, 2, recipe_dict=d)
+    one, blocks_one, reference = runs["one"]["final"]
+    two = runs["two"]["final"]
     assert len(blocks_one) == len(reference) > 4  # the whole split, not eval_batches x batch_size = 4 blocks
     assert blocks_one == pytest.approx(reference, rel=1e-5, abs=1e-5)
     assert one == pytest.approx(sum(reference) / len(reference), rel=1e-6)
@@ -186,21 +203,18 @@ def _used_lrs_in_order(env, recipe_dict):
     return used
 
 
-def test_run_lr_schedule_is_one_warmup_and_decay_over_all_stages(tmp_path):
+def test_run_lr_schedule_is_one_warmup_and_decay_over_all_stages(runs):
     """training.lr_schedule = "run": stages 4 + 5 steps follow one schedule of 9 steps (warm-up 3 at the
     start only); "stage" restarts it: the second stage warms up again over its own 5 steps."""
-    lr, warmup, floor = 1e-3, 3, 0.1
+    lr, warmup, floor = LR, WARMUP, FLOOR
 
     def expected(s: int, total: int) -> float:  # torchtitan 0.2.2's linear warm-up + linear decay, 1-based
         if s <= warmup:
             return lr * s / warmup
         return lr * (floor + (1 - floor) * (1 - (s - warmup - 1) / (total - warmup)))
 
-    for scope in ("run", "stage"):
-        d = _recipe_dict(str(tmp_path / scope), lr=lr, warmup_steps=warmup, decay_type="linear", min_lr_factor=floor,
-                         eval_batches=1, lr_schedule=scope)
-        d["stages"] = [{"name": "s0", "steps": 4}, {"name": "s1", "steps": 5}]
-        used, = run_distributed(_used_lrs_in_order, 1, recipe_dict=d)
+    for scope in ("run", "stage"):  # recipes: _recipes (stages 4 + 5 steps, lr_schedule = scope)
+        used = runs["one"][scope]
         want = ([expected(s, 9) for s in range(1, 10)] if scope == "run"
                 else [expected(s, 4) for s in range(1, 5)] + [expected(s, 5) for s in range(1, 6)])
         assert len(used) == 9

@@ -220,12 +220,12 @@ def test_peft_events_are_logged(tmp_path, cache_dir):
 
     def train(name: str, peft: str) -> tuple[str, Path]:
         run_dir = tmp_path / name
-        cmd = [sys.executable, "-m", "steptitan.train", "recipes/vanilla.toml", *wikitext_overrides(cache_dir),
-               f"output_dir={run_dir}", "training.seq_len=32", "training.batch_size=2", "training.steps_per_log=2",
-               "training.eval_batches=1", "stages.0.steps=4", "training.warmup_steps=1", f"stages.0.peft={peft}"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        return proc.stdout + proc.stderr, run_dir / "checkpoints" / "stage00-step000004"
+        args = [str(REPO / "recipes" / "vanilla.toml"), *wikitext_overrides(cache_dir),
+                f"output_dir={run_dir}", "training.seq_len=32", "training.batch_size=2", "training.steps_per_log=2",
+                "training.eval_batches=1", "stages.0.steps=4", "training.warmup_steps=1", f"stages.0.peft={peft}"]
+        code, out = in_process(["train", *args])  # what `steptitan train` prints, without a process start
+        assert code == 0, out[-3000:]
+        return out, run_dir / "checkpoints" / "stage00-step000004"
 
     out, ckpt = train("relora", "{method: relora, rank: 4, reset_interval: 2, restart_warmup_steps: 0}")
     assert re.search(r"relora: reset 1 after step 2: B A merged into W on \d+ linears", out), out[-3000:]
@@ -266,6 +266,9 @@ def interrupted_lines(out: str, run_dir: Path) -> list[re.Match]:
     return list(re.finditer(pattern, out))
 
 
+@pytest.mark.slow  # issue 23 item 10: the same one line from the same handler (stopping.reports_interrupt) is checked
+# fast through torchrun by test_ctrl_c_to_steptitan_train_nproc_prints_only_that_line (torchrun in-process, 2 ranks, Ctrl-C
+# to the group) and test_reliability.py::test_ctrl_c_on_one_rank_reaches_peers_and_prints_one_line
 @pytest.mark.dist
 def test_ctrl_c_to_torchrun_prints_one_line(tmp_path, cache_dir):
     run_dir = tmp_path / "run"
@@ -295,9 +298,31 @@ def test_ctrl_c_to_steptitan_train_nproc_prints_only_that_line(tmp_path, cache_d
 # --------------------------------------------------------------------------- item 6: generate
 
 
+def in_process(argv: list[str]) -> tuple[int, str]:
+    """``steptitan ARGV`` run by the console command's entry point in this process: (exit code, stdout + stderr).
+    Issue 23 item 10: a subprocess per call only added ~10-15 s of imports (the entry point is the same)."""
+    import contextlib
+    import io
+
+    from steptitan.cli import main
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+        code = main(argv)
+    return code, buf.getvalue()
+
+
 def generate(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "steptitan.cli", "generate", *args], capture_output=True, text=True,
-                          cwd=REPO, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    """``steptitan generate ARGS`` in this process (cli.main), its stdout and stderr kept apart."""
+    import contextlib
+    import io
+
+    from steptitan.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["generate", *args])
+    return subprocess.CompletedProcess(["steptitan", "generate", *args], code, out.getvalue(), err.getvalue())
 
 
 @pytest.mark.dist  # reads the 2-rank torchrun run of the `run` fixture

@@ -47,13 +47,14 @@ def test_committed_tasks_are_what_the_build_script_makes():
 def test_offline_task_folder_loads_in_lm_eval():
     """The bundled tasks, as `steptitan eval` finds them with `--include-path evaltasks` from a checkout
     (the same folder in an editable install, so on lm-eval's path once)."""
-    from lm_eval.tasks import get_task_dict
+    from lm_eval.tasks import TaskManager, get_task_dict
 
-    from steptitan.lmeval import bundled_tasks, task_manager, task_paths
+    from steptitan.lmeval import bundled_tasks, task_paths
 
     assert bundled_tasks().resolve() == TASKS.resolve()  # importlib.resources -> the checkout's evaltasks/
     assert task_paths(None) == task_paths(str(TASKS)) == task_paths(os.path.relpath(TASKS)) == [str(bundled_tasks())]
-    manager = task_manager(os.path.relpath(TASKS))
+    # only the folder's tasks: indexing lm-eval's thousands of built-in task files costs ~14 s of CPU (issue 23 item 10)
+    manager = TaskManager(include_path=task_paths(os.path.relpath(TASKS)), include_defaults=False)
     tasks = get_task_dict(["kjv_cloze", "kjv_choice"], manager)
     cloze, choice = tasks["kjv_cloze"], tasks["kjv_choice"]
     docs = list(cloze.test_docs())
@@ -334,7 +335,9 @@ def test_a_continuation_longer_than_the_trained_context_is_refused_with_a_way_ou
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from steptitan.lmeval import EvalError, evaluate_folder, task_manager
+    from lm_eval.tasks import TaskManager
+
+    from steptitan.lmeval import EvalError, bundled_tasks, evaluate_folder
 
     # a byte-level word tokenizer over the task's own words: every ending is several tokens long
     words = sorted({w for row in _rows("kjv_choice")[:2] for e in (row["ctx"], *row["endings"]) for w in e.split()})
@@ -346,7 +349,7 @@ def test_a_continuation_longer_than_the_trained_context_is_refused_with_a_way_ou
     LlamaForCausalLM(LlamaConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                  num_attention_heads=2, max_position_embeddings=256)).save_pretrained(tmp_path)
     longest = max(len(e.split()) for row in _rows("kjv_choice")[:2] for e in row["endings"])
-    manager = task_manager(None)  # lm-eval's task index: built once (the slow part)
+    manager = TaskManager(include_path=str(bundled_tasks()), include_defaults=False)  # not lm-eval's own ~14 s index
     with pytest.raises(EvalError, match="--max-length"):
         evaluate_folder(tmp_path, ["kjv_choice"], manager, 2, 2, "cpu", max_length=longest - 1)
     ok = evaluate_folder(tmp_path, ["kjv_choice"], manager, 2, 2, "cpu", max_length=longest + 64)

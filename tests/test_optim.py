@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -215,22 +216,29 @@ def _train(env, recipe_dict):
     return trainer.stage_losses
 
 
+def assert_two_rank_resume_is_bit_exact(recipe_dict: dict, kept: str, dropped: str, n_losses: int) -> None:
+    """Train ``recipe_dict`` on 2 ranks, delete its checkpoint ``dropped`` (as if killed after the save of
+    ``kept``), train again: the resumed run resumes from ``kept`` and its stage losses equal the
+    uninterrupted run's, floats compared exactly. (tests/test_optim_lowmem.py uses it too.)"""
+    import shutil
+
+    full = run_distributed(_train, 2, recipe_dict=recipe_dict)[0]
+    ckpts = Path(recipe_dict["output_dir"]) / "checkpoints"
+    assert (ckpts / kept).is_dir()
+    shutil.rmtree(ckpts / dropped)
+    resumed = run_distributed(_train, 2, recipe_dict=recipe_dict)[0]
+    assert len(full) == n_losses and resumed == full  # floats compared exactly
+
+
 @pytest.mark.dist
 @needs("adam_mini")
 def test_two_rank_resume_of_mixed_optimizers_is_bit_exact(tmp_path):
     """Stage 1 trains new blocks and LoRA adapters with AdamW and embeddings + head with Adam-mini
     (two torch optimizers in one StageOptimizers). A run resumed from its step-2 checkpoint of
     stage 1 gives the same stage-1 losses, bit for bit, as the uninterrupted run."""
-    import shutil
-
     optim = {"default": "adamw", "embeddings": "adam_mini", "head": "adam_mini"}
     d = _recipe_dict(str(tmp_path / "run"), optim, checkpoint=True)
-    full = run_distributed(_train, 2, recipe_dict=d)[0]
-    ckpts = tmp_path / "run" / "checkpoints"
-    assert (ckpts / "stage01-step000002").is_dir()
-    shutil.rmtree(ckpts / "stage01-step000004")  # as if killed after the step-2 checkpoint
-    resumed = run_distributed(_train, 2, recipe_dict=d)[0]
-    assert len(full) == 4 and resumed == full  # floats compared exactly
+    assert_two_rank_resume_is_bit_exact(d, kept="stage01-step000002", dropped="stage01-step000004", n_losses=4)
 
 
 # --------------------------------------------------------------------------- state across growth

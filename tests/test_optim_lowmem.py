@@ -164,12 +164,6 @@ def test_apollo_projector_rebuilt_after_load_continues_exactly():
 # --------------------------------------------------------------------------- 2-rank resume through the trainer
 
 
-def _train(env, recipe_dict):
-    from test_optim import _train as train
-
-    return train(env, recipe_dict)
-
-
 @pytest.mark.dist
 @needs_apollo
 @needs_torchao
@@ -177,17 +171,10 @@ def test_two_rank_resume_of_apollo_and_adamw8bit_is_bit_exact(tmp_path):
     """Stage 1 trains new blocks and adapters with APOLLO (redraw every 3 steps) and embeddings + head
     with 8-bit AdamW (block 32: both ranks' 501- and 500-row shards are quantised). A run resumed from
     its step-4 checkpoint (after the step-3 redraw) gives the uninterrupted run's losses bit for bit."""
-    import shutil
-
-    from test_optim import _recipe_dict
+    from test_optim import _recipe_dict, assert_two_rank_resume_is_bit_exact
 
     optim = {"default": {"name": "apollo", "rank": 4, "update_proj_gap": 3},
              "embeddings": {"name": "adamw8bit", "block_size": 32}, "head": {"name": "adamw8bit", "block_size": 32}}
     d = _recipe_dict(str(tmp_path / "run"), optim, checkpoint=True)
     d["stages"][1]["steps"] = 6
-    full = run_distributed(_train, 2, recipe_dict=d)[0]
-    ckpts = tmp_path / "run" / "checkpoints"
-    assert (ckpts / "stage01-step000004").is_dir()
-    shutil.rmtree(ckpts / "stage01-step000006")  # as if killed after the step-4 checkpoint
-    resumed = run_distributed(_train, 2, recipe_dict=d)[0]
-    assert len(full) == 6 and resumed == full  # floats compared exactly
+    assert_two_rank_resume_is_bit_exact(d, kept="stage01-step000004", dropped="stage01-step000006", n_losses=6)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -59,13 +60,28 @@ def tree(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, cache_dir) -> Path:
+    """One finished ``tiny_one_rank`` run (a real ``python -m steptitan.train`` process) that the run-folder tests
+    start from; a test that changes the folder works on a copy (``copy_of``). Issue 23 item 10: one training
+    process for five tests instead of one each. Nothing in a run folder names its own path except recipe.json's
+    output_dir, which no check reads (rundir.py compares the marker, summary.json and the stage steps)."""
+    tmp = tmp_path_factory.mktemp("finished")
+    code, out, _ = run(tiny_one_rank(cache_dir, tmp / "run"), tmp, timeout=900)  # may tokenize the session's corpus
+    assert code == 0, out[-3000:]
+    return tmp / "run"
+
+
+def copy_of(run_dir: Path, dest: Path) -> Path:
+    shutil.copytree(run_dir, dest, symlinks=True)
+    return dest
+
+
 # --------------------------------------------------------------------------- run folders
 
 
-def test_rerunning_a_finished_run_leaves_it_untouched(tmp_path, cache_dir):
-    run_dir = tmp_path / "run"
-    code, out, _ = run(tiny_one_rank(cache_dir, run_dir), tmp_path)
-    assert code == 0, out[-3000:]
+def test_rerunning_a_finished_run_leaves_it_untouched(tmp_path, cache_dir, finished_run):
+    run_dir = copy_of(finished_run, tmp_path / "run")
     before = tree(run_dir)
     assert "summary.json" in before and any(k.startswith("tb/") for k in before)
     code, out, _ = run(tiny_one_rank(cache_dir, run_dir), tmp_path)
@@ -73,12 +89,10 @@ def test_rerunning_a_finished_run_leaves_it_untouched(tmp_path, cache_dir):
     assert tree(run_dir) == before  # summary.json, TensorBoard events, checkpoints: byte for byte
 
 
-def test_a_run_finished_before_the_run_marker_existed_is_left_untouched(tmp_path, cache_dir):
+def test_a_run_finished_before_the_run_marker_existed_is_left_untouched(tmp_path, cache_dir, finished_run):
     """A folder finished by an older steptitan (summary.json and recipe.json, no .steptitan-run.json) is
     finished too: re-running its command must not resume from the last checkpoint and rewrite the summary."""
-    run_dir = tmp_path / "run"
-    code, out, _ = run(tiny_one_rank(cache_dir, run_dir), tmp_path)
-    assert code == 0, out[-3000:]
+    run_dir = copy_of(finished_run, tmp_path / "run")
     (run_dir / ".steptitan-run.json").unlink()
     (run_dir / ".steptitan.lock").unlink()
     before = tree(run_dir)
@@ -87,7 +101,7 @@ def test_a_run_finished_before_the_run_marker_existed_is_left_untouched(tmp_path
     assert tree(run_dir) == before
 
 
-def test_overwrite_deletes_only_steptitan_folders(tmp_path, cache_dir):
+def test_overwrite_deletes_only_steptitan_folders(tmp_path, cache_dir, finished_run):
     foreign = tmp_path / "home"
     foreign.mkdir()
     (foreign / "thesis.tex").write_text("years of work")
@@ -96,8 +110,7 @@ def test_overwrite_deletes_only_steptitan_folders(tmp_path, cache_dir):
     assert code == 2 and "overwrite=true refuses to delete" in one_error(out) and "thesis.tex" in out, out[-3000:]
     assert (foreign / "thesis.tex").read_text() == "years of work" and (foreign / "checkpoints").is_dir()
     # A folder steptitan wrote (its marker) is deleted and trained afresh.
-    mine = tmp_path / "mine"
-    assert run(tiny_one_rank(cache_dir, mine), tmp_path)[0] == 0
+    mine = copy_of(finished_run, tmp_path / "mine")
     stale = mine / "checkpoints" / "stage07-step000001"
     stale.mkdir()
     code, out, _ = run(tiny_one_rank(cache_dir, mine, "overwrite=true"), tmp_path)
@@ -168,9 +181,8 @@ def test_the_plan_fingerprint_ignores_steps_not_the_model(tmp_path):
             _check_fingerprint(base, plans(*other), "output folder run")
 
 
-def test_resume_path_from_another_plan_is_refused_before_any_process_group(tmp_path, cache_dir):
-    other = tmp_path / "other"
-    assert run(tiny_one_rank(cache_dir, other), tmp_path)[0] == 0
+def test_resume_path_from_another_plan_is_refused_before_any_process_group(tmp_path, cache_dir, finished_run):
+    other = copy_of(finished_run, tmp_path / "other")
     ckpt = other / "checkpoints" / "stage00-step000002"
     code, out, elapsed = run(tiny_one_rank(cache_dir, tmp_path / "run", "model.n_heads=2",
                                            f"checkpoint.resume={ckpt}"), tmp_path)
@@ -185,12 +197,10 @@ def test_resume_path_from_another_plan_is_refused_before_any_process_group(tmp_p
     assert code == 2 and f"is damaged: {shard.name} has" in one_error(out), out[-3000:]
 
 
-def test_every_checkpoint_damaged_is_refused_and_nothing_is_touched(tmp_path, cache_dir):
+def test_every_checkpoint_damaged_is_refused_and_nothing_is_touched(tmp_path, cache_dir, finished_run):
     """Checkpoints exist but none is intact (e.g. a file system that lost files): starting afresh would prune
     them as the new run saves, so the run stops with exit 2 naming each problem and changes nothing."""
-    run_dir = tmp_path / "run"
-    code, out, _ = run(tiny_one_rank(cache_dir, run_dir), tmp_path)
-    assert code == 0, out[-3000:]
+    run_dir = copy_of(finished_run, tmp_path / "run")
     (run_dir / "summary.json").unlink()  # as if it had stopped after its last save
     saved = sorted((run_dir / "checkpoints").iterdir())
     assert len(saved) == 2, saved
