@@ -296,10 +296,10 @@ def eval_main(capsys, *argv: str) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-@pytest.mark.parametrize("limit", ["0", "-2"])
-def test_limit_below_one_is_refused(capsys, tmp_path, limit):
-    code, err = eval_main(capsys, str(fake_run(tmp_path)), "--tasks", "kjv_cloze", "--limit", limit)
-    assert code == 2 and "--limit and --batch-size must be >= 1" in err
+@pytest.mark.parametrize("flag, value", [("--limit", "0"), ("--limit", "-2"), ("--max-length", "0")])
+def test_limit_below_one_is_refused(capsys, tmp_path, flag, value):
+    code, err = eval_main(capsys, str(fake_run(tmp_path)), "--tasks", "kjv_cloze", flag, value)
+    assert code == 2 and "--limit, --batch-size and --max-length must be >= 1" in err
 
 
 def test_missing_checkpoint_is_refused(capsys, tmp_path):
