@@ -53,15 +53,20 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, kwargs: dict, o
     torch.set_num_threads(1)
     from steptitan.distributed import init_distributed, shutdown_distributed
 
-    result: Any
+    result: Any = ("error", "the process group did not start")
     try:
         env = init_distributed("gloo", timeout_s=120)
         try:
             result = ("ok", fn(env, **kwargs))
-        finally:
-            shutdown_distributed()
-    except BaseException:  # noqa: BLE001 - re-raised in the parent with the rank
-        result = ("error", traceback.format_exc())
+        except BaseException:  # noqa: BLE001 - re-raised in the parent with the rank
+            result = ("error", traceback.format_exc())
+        # Ranks that finished tear down together (a barrier first): a rank destroying its gloo group while
+        # a peer is still in the last collective's teardown can abort at exit ("terminate called without
+        # an active exception", seen once in CI); steptitan.distributed.shutdown_distributed says the same.
+        shutdown_distributed(synchronize=result[0] == "ok")
+    except BaseException:  # noqa: BLE001 - the start or the teardown failed (a failed peer breaks the barrier)
+        if result[0] == "ok":
+            result = ("error", traceback.format_exc())
     with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as fh:
         pickle.dump(result, fh)
 
@@ -70,13 +75,15 @@ def run_distributed(fn: Callable, world_size: int = 2, **kwargs) -> list[Any]:
     with tempfile.TemporaryDirectory() as out_dir:
         mp.start_processes(_worker, args=(world_size, free_port(), fn, kwargs, out_dir),
                            nprocs=world_size, join=True, start_method="spawn")
-        results = []
+        results, errors = [], []
         for rank in range(world_size):
             with open(os.path.join(out_dir, f"rank{rank}.pkl"), "rb") as fh:
                 status, value = pickle.load(fh)
-            if status == "error":
-                raise AssertionError(f"rank {rank} failed:\n{value}")
+            if status == "error":  # every failed rank: a peer's broken barrier must not hide the cause
+                errors.append(f"rank {rank} failed:\n{value}")
             results.append(value)
+        if errors:
+            raise AssertionError("\n".join(errors))
         return results
 
 

@@ -26,6 +26,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
 from steptitan import export as export_hf  # noqa: E402  (tools/export_hf.py is a wrapper over it)
+from steptitan import export_cli  # noqa: E402  (the command line of steptitan export / tools/export_hf.py)
 
 
 def hf_logits(folder: Path, tokens: torch.Tensor) -> torch.Tensor:
@@ -147,7 +148,7 @@ def test_export_of_a_two_rank_stage1_checkpoint(two_rank_run, tmp_path):
     from steptitan.data import BlockSampler, prepare_data
 
     out = tmp_path / "hf"
-    assert export_hf.main([str(two_rank_run), str(out)]) == 0
+    assert export_cli.main([str(two_rank_run), str(out)]) == 0
     meta = json.loads((out / "steptitan_export.json").read_text())
     assert meta["stage"] == 1 and meta["world_size"] == 2 and meta["merged_peft"] == ["lora"]
     assert (out / "tokenizer.json").is_file()
@@ -188,7 +189,7 @@ def test_export_of_a_two_rank_stage1_checkpoint(two_rank_run, tmp_path):
     # An earlier stage exports too (stage 0: no adapters, 2 layers).
     out0 = tmp_path / "hf0"
     stage0 = two_rank_run / "checkpoints" / "stage00-step000006"
-    assert export_hf.main([str(stage0), str(out0)]) == 0
+    assert export_cli.main([str(stage0), str(out0)]) == 0
     assert json.loads((out0 / "config.json").read_text())["num_hidden_layers"] == 2
 
 
