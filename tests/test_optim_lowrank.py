@@ -18,6 +18,8 @@ weights of both projection sides (m >= n: right, m < n: left). Checked:
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 
 import pytest
@@ -64,20 +66,27 @@ def _reference(name: str) -> dict[str, torch.Tensor]:
     groups = [{"params": [params[n] for n in SHAPES if n not in PROJECTED]},
               {"params": [params[n] for n in PROJECTED], **projected}]
     cls = FiraAdamW if name == "fira" else GaLoreAdamW
-    saved = fira_adamw.__dict__.get("max")
-    fira_adamw.max = max  # the package as shipped
-    try:
+    with _package_limiter(fira_adamw):
         opt = cls(groups, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, no_deprecation_warning=True)
         for g in grads:
             for n, p in params.items():
                 p.grad = g[n].clone()
             opt.step()
+    return {n: p.detach().clone() for n, p in params.items()}
+
+
+@contextlib.contextmanager
+def _package_limiter(fira_adamw):
+    """fira's module as shipped (its limiter: Python's max) for the block, whatever was patched before."""
+    saved = fira_adamw.__dict__.get("max")
+    fira_adamw.max = max
+    try:
+        yield
     finally:
         if saved is None:
             del fira_adamw.max
         else:
             fira_adamw.max = saved
-    return {n: p.detach().clone() for n, p in params.items()}
 
 
 class HostReads(torch.overrides.TorchFunctionMode):
@@ -230,18 +239,10 @@ def test_the_host_read_counter_sees_the_packages_limiter():
 
     w = torch.nn.Parameter(torch.randn(6, 10))
     opt = FiraAdamW([{"params": [w], "rank": 2, "update_proj_gap": 1, "alpha": 0.5, "proj_type": "std"}], lr=0.1)
-    saved = fira_adamw.__dict__.get("max")
-    fira_adamw.max = max
-    try:
-        with HostReads() as host:
-            for _ in range(2):
-                w.grad = torch.randn(6, 10)
-                opt.step()
-    finally:
-        if saved is None:
-            del fira_adamw.max
-        else:
-            fira_adamw.max = saved
+    with _package_limiter(fira_adamw), HostReads() as host:
+        for _ in range(2):
+            w.grad = torch.randn(6, 10)
+            opt.step()
     assert "__bool__" in host.reads
 
 
