@@ -258,6 +258,11 @@ def test_report_commands_name_no_folder_of_the_machine(tmp_path):
     cmd = (f"steptitan bench --runs {tmp_path / 'runs'} --train {checkout.parent / 'shared' / 'data' / 'kjv' / 'train.txt'} "
            f"--docs {checkout / 'docs' / 'bench'}")
     assert portable(cmd, args) == "steptitan bench --runs RUNS --train ../shared/data/kjv/train.txt --docs ./docs/bench"
+    # a worker running from another checkout writes into this one's docs: that folder is named too
+    other = tmp_path / "main" / "docs" / "bench"
+    args.docs = str(other)
+    assert portable(f"steptitan bench --runs {tmp_path / 'runs'} --docs {other} --no-progress", args) == \
+        "steptitan bench --runs RUNS --docs DOCS --no-progress"
 
 
 def test_tune_variants_run_at_the_best_lr_and_warmup_and_can_win(tmp_path):

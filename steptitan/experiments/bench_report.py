@@ -38,10 +38,14 @@ def selection_table(quality: dict[str, dict]) -> list[str]:
 
 def portable(command: str, args: argparse.Namespace) -> str:
     """A command line without this machine's folders: the run folder as RUNS, the checkout as '.', the
-    shared data beside it as ../shared (docs name no absolute path of the machine they were made on)."""
+    shared data beside it as ../shared, a ``--docs`` folder outside the checkout as DOCS (docs name no
+    absolute path of the machine they were made on)."""
     checkout = Path(__file__).resolve().parents[2]
-    for folder, name in ((Path(args.runs).resolve(), "RUNS"), (checkout.parent / "shared", "../shared"),
-                         (checkout, ".")):
+    folders = [(Path(args.runs).resolve(), "RUNS"), (checkout.parent / "shared", "../shared")]
+    docs = Path(getattr(args, "docs", None) or checkout / "docs" / "bench").resolve()
+    if not docs.is_relative_to(checkout):
+        folders.append((docs, "DOCS"))
+    for folder, name in (*folders, (checkout, ".")):
         command = command.replace(str(folder), name)
     return command
 
