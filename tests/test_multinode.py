@@ -29,7 +29,10 @@ from conftest import REPO, free_port, wikitext_overrides
 
 pytestmark = pytest.mark.dist
 
-HEARTBEAT_S = 3.0
+# Short for quick detection, but not so short that a rank starved of CPU during start-up (tokenizing, on a
+# machine running other work) is declared hung: at 3 s that happened on this 2-core machine under load
+# (rank 0 silent 4.3 s while its peer prepared data; the watchdog then killed it as hung).
+HEARTBEAT_S = 10.0
 
 
 def tiny_args(cache_dir: Path, run_dir: Path, *extra: str, heartbeat_s: float = HEARTBEAT_S) -> list[str]:
@@ -113,8 +116,10 @@ def _paused(hooks: Path, procs: list[subprocess.Popen]) -> dict[int, int]:
     deadline = time.monotonic() + 300
     while len(list(hooks.glob("paused-rank*"))) < 4:
         if any(p.poll() is not None for p in procs) or time.monotonic() > deadline:
-            wait_all(procs, timeout=1)
-            pytest.fail("the ranks did not all reach the pause point")
+            codes = wait_all(procs, timeout=1)
+            logs = "\n".join(f"--- {log.name}:\n{log.read_text()[-3000:]}"
+                             for log in sorted(hooks.parent.glob("node*.log")))
+            pytest.fail(f"the ranks did not all reach the pause point (agents' exit codes {codes})\n{logs}")
         time.sleep(0.05)
     return rank_pids(hooks)
 
