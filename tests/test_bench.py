@@ -181,6 +181,38 @@ def test_targets_use_the_bound_and_never_a_verdict_for_an_untuned_baseline():
     assert none[("step3", "final")] == "open: no report runs yet"
 
 
+def test_a_variant_stands_for_a_goal_only_when_the_selection_slice_chose_it():
+    """--goal-rows step3=step3_runlr: the step3 targets are measured on step3_runlr's rows (memory and loss),
+    labelled as such; refused when the tuning file's selection means prefer step3 itself (protocol 3)."""
+    import argparse
+
+    from steptitan.experiments.bench_args import parse_goal_rows
+    from steptitan.experiments.bench_report import goal_row_problem, target_rows, targets_table
+    from steptitan.experiments.stats import non_inferiority
+
+    ap = argparse.ArgumentParser()
+    goals = parse_goal_rows("step3=step3_runlr", ap)
+    assert goals == {"step3": "step3_runlr", "step4": "step4"}
+    for bad in ("step5=x", "step3", "step3="):
+        with pytest.raises(SystemExit):
+            parse_goal_rows(bad, ap)
+    q = {"step3": {"ni": non_inferiority({0: 3.3}, {0: 3.0})},  # the recipe itself would miss
+         "step3_runlr": {"ni": non_inferiority({s: 3.0 for s in range(6)}, {s: 3.0 + 0.001 * s for s in range(6)})}}
+    mem = {"step3": {"vs_vanilla": 0.45}, "step3_runlr": {"vs_vanilla": 0.368}}
+    rows = [r for r in target_rows("c-1M", q, mem, set(), goals) if r["goal"] == "step3"]
+    assert [(r["row"], r["value"].split()[0], r["met"]) for r in rows] == \
+        [("step3_runlr", "0.368x", "yes"), ("step3_runlr", rows[1]["value"].split()[0], "yes")]
+    assert "| step3_runlr (for step3) |" in "\n".join(targets_table(rows))
+
+    def tuned(means):  # a tuning file's rows: each row's trials with their mean selection loss
+        return {name: {"trials": [{"mean": m + 0.05}, {"mean": m}]} for name, m in means.items()}
+
+    assert goal_row_problem(goals, tuned({"step3": 2.93, "step3_runlr": 2.90})) is None
+    assert goal_row_problem(goals, {}) is None  # nothing tuned yet: the untuned verdict says so
+    problem = goal_row_problem(goals, tuned({"step3": 2.90, "step3_runlr": 2.93}))
+    assert problem and "prefers step3 (2.9000 < 2.9300)" in problem
+
+
 def test_bare_fsdp_per_round_ratios_by_hand():
     """--rounds: per-round tokens/s of each loop and the ratio of every later loop to every earlier one."""
     from steptitan.experiments.bare_fsdp import per_round

@@ -335,7 +335,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from steptitan.experiments.bench_report import portable, selection_table, write_report
+    from steptitan.experiments.bench_report import goal_row_problem, portable, selection_table, write_report
 
     args = parse_args(argv)
     if args.scale_table:
@@ -367,6 +367,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.seeds < 1 or args.tune_seeds < 1 or not args.lr_grid:
             raise BenchError("--seeds and --tune-seeds must be >= 1 and --lr-grid non-empty")
         tuned = read_tuned(Path(args.tuned))
+        problem = goal_row_problem(args.goal_rows, tuned)
+        if problem:
+            raise BenchError(problem)
         quality, memory, memory_ac, facts = plan_runs(args, shape, tuned)
     except (BenchError, SweepError, ValueError) as exc:
         print(f"bench: error: {exc}", file=sys.stderr)

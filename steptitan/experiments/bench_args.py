@@ -73,6 +73,9 @@ def parse_args(argv: Sequence[str] | None = None, description: str | None = None
                     help="every N-th document of --val goes to the selection slice, the others to the report slice")
     ap.add_argument("--split-docs", choices=["auto", "wikitext", "paragraph"], default="auto",
                     help="what a document of --val is: a WikiText article, a blank-line paragraph, or auto")
+    ap.add_argument("--goal-rows", default="",
+                    help="which row stands for each STEP goal when a variant replaced the recipe (protocol 3), "
+                         "e.g. step3=step3_runlr,step4=step4_runlr; default: the rows step3 and step4")
     ap.add_argument("--tune", action="store_true",
                     help="run the tuning protocol for --recipes on the selection slice and write --tuned")
     ap.add_argument("--tune-seeds", type=int, default=2, help="selection seeds per tuning configuration (0..N-1)")
@@ -134,6 +137,7 @@ def parse_args(argv: Sequence[str] | None = None, description: str | None = None
     if args.slice is None:
         args.slice = "selection" if args.tune else "report"
     args.lr_grid = tuple(float(x) for x in args.lr_grid.split(",") if x)
+    args.goal_rows = parse_goal_rows(args.goal_rows, ap)
     corpus = args.corpus_name or (args.train if args.train == "stdlib-docs" else Path(args.train).resolve().parent.name)
     args.tag = f"{corpus}-{args.budget_tokens / 1e6:g}M"
     docs = Path(args.docs)
@@ -146,3 +150,17 @@ def parse_args(argv: Sequence[str] | None = None, description: str | None = None
     if args.notes is None:
         args.notes = str(docs / "notes" / f"{args.tag}.md")
     return args
+
+
+GOALS = ("step3", "step4")  # the STEP goals of issue 22 (memory bounds: bench_report.MEMORY_GOALS)
+
+
+def parse_goal_rows(text: str, ap: argparse.ArgumentParser) -> dict[str, str]:
+    """``step3=step3_runlr,step4=step4_runlr`` -> {goal: row}; a goal not named stands for itself."""
+    rows = {g: g for g in GOALS}
+    for item in filter(None, text.split(",")):
+        goal, sep, row = item.partition("=")
+        if not sep or goal not in GOALS or not row:
+            ap.error(f"--goal-rows: {item!r} is not GOAL=ROW with GOAL one of {', '.join(GOALS)}")
+        rows[goal] = row
+    return rows

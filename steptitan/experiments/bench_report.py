@@ -209,18 +209,33 @@ def quality_section(q: dict[str, dict[str, Any]], mem: dict[str, dict[str, Any]]
     return lines
 
 
-def target_rows(tag: str, q: dict[str, dict[str, Any]], mem: dict[str, dict[str, Any]], untuned: set[str]) -> list[dict]:
-    """The goal's rows for this corpus and budget: memory bound and loss bound per STEP recipe. A loss
-    verdict needs both the row and vanilla tuned (``untuned``: the rows without a tuning entry)."""
+def goal_row_problem(goal_rows: dict[str, str], tuned: dict[str, Any]) -> str | None:
+    """Why ``goal_rows`` (goal -> the row standing for it) breaks protocol 3, or None. A variant may stand
+    for a goal only when the selection slice chose it: its tuned mean is no higher than the recipe's own."""
+    for goal, row in goal_rows.items():
+        if row != goal and goal in tuned and row in tuned:
+            own, variant = (min(t["mean"] for t in tuned[r]["trials"]) for r in (goal, row))
+            if variant > own:
+                return (f"--goal-rows {goal}={row}: the selection slice prefers {goal} ({own:.4f} < {variant:.4f}); "
+                        "a variant stands for a goal only when it was chosen there (docs/benchmark.md, Protocol 3)")
+    return None
+
+
+def target_rows(tag: str, q: dict[str, dict[str, Any]], mem: dict[str, dict[str, Any]], untuned: set[str],
+                goal_rows: dict[str, str] | None = None) -> list[dict]:
+    """The goal's rows for this corpus and budget: memory bound and loss bound per STEP goal, measured on the
+    row standing for it (``goal_rows``, default the row of the goal's name). A loss verdict needs both the
+    row and vanilla tuned (``untuned``: the rows without a tuning entry)."""
     out = []
-    for name, bound in MEMORY_GOALS.items():
+    for goal, bound in MEMORY_GOALS.items():
+        name = (goal_rows or {}).get(goal, goal)
         m = mem.get(name, {}).get("vs_vanilla")
         if m is not None:
-            out.append({"tag": tag, "row": name, "measure": "peak model states vs vanilla AdamW",
+            out.append({"tag": tag, "row": name, "goal": goal, "measure": "peak model states vs vanilla AdamW",
                         "target": f"<= {bound}", "value": f"{m:.3f}x", "met": "yes" if m <= bound else "no"})
         r = q.get(name)
         if r is None or r["ni"] is None:
-            out.append({"tag": tag, "row": name, "measure": "final loss vs tuned vanilla, one-sided 95% upper bound",
+            out.append({"tag": tag, "row": name, "goal": goal, "measure": "final loss vs tuned vanilla, one-sided 95% upper bound",
                         "target": f"<= {1 + MARGIN}", "value": "-", "met": "open: no report runs yet"})
         else:
             ni = r["ni"]
@@ -229,7 +244,7 @@ def target_rows(tag: str, q: dict[str, dict[str, Any]], mem: dict[str, dict[str,
                 verdict = "open: a row is untuned"
             met = {"within 1%": "yes"}.get(verdict, "no" if verdict == "not shown" else verdict)
             up = f"{ni.upper:.4f}" if ni.upper is not None else "-"
-            out.append({"tag": tag, "row": name, "measure": "final loss vs tuned vanilla, one-sided 95% upper bound",
+            out.append({"tag": tag, "row": name, "goal": goal, "measure": "final loss vs tuned vanilla, one-sided 95% upper bound",
                         "target": f"<= {1 + MARGIN}", "value": f"{up} (mean {ni.mean:.4f}, {len(ni.seeds)} seeds)",
                         "met": met})
     return out
@@ -239,7 +254,8 @@ def targets_table(rows: list[dict]) -> list[str]:
     lines = ["| corpus, budget | row | measure | target | measured | met |", "|---|---|---|---|---|---|"]
     for r in rows:
         met = r["met"] if r["met"] != "no" else "**no**"
-        lines.append(f"| {r['tag']} | {r['row']} | {r['measure']} | {r['target']} | {r['value']} | {met} |")
+        row = r["row"] if r.get("goal", r["row"]) == r["row"] else f"{r['row']} (for {r['goal']})"
+        lines.append(f"| {r['tag']} | {row} | {r['measure']} | {r['target']} | {r['value']} | {met} |")
     return lines
 
 
@@ -292,7 +308,7 @@ def write_report(args: argparse.Namespace, shape: Any, frac: float, facts: dict[
         lines += [f"{len(from_ledger)} of the runs were read from the results ledger (`{_rel(Path(args.ledger), out)}`), "
                   "their folders being gone; each is the same resolved recipe.", ""]
     untuned = [n for n in q if not q[n]["tuned"]]
-    targets = target_rows(args.tag, q, mem, set(untuned))
+    targets = target_rows(args.tag, q, mem, set(untuned), getattr(args, "goal_rows", None))
     lines += ["## Targets", ""] + (targets_table(targets) if targets else ["(no STEP row in this report)"]) + [""]
     if mem:
         lines += memory_section(mem, args)
