@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -77,10 +78,26 @@ _worker_state: dict = {}
 
 
 def _init_worker(tokenizer_json: str, eos_id: int, dtype: str) -> None:
+    # A forked worker inherits the caller's signal handlers. One that only records SIGTERM (the trainer's
+    # deferred handler, a user's) would make the worker outlive pool.terminate(), whose join then waits
+    # forever; Ctrl-C is the caller's to handle (it terminates the pool).
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker: N workers = N processes' worth
     from tokenizers import Tokenizer
 
     _worker_state.update(tokenizer=Tokenizer.from_file(tokenizer_json), eos_id=eos_id, dtype=dtype)
+
+
+def worker_pool(workers: int, tokenizer_json: Path, eos_id: int, dtype: str):
+    """``workers`` processes, each with the tokenizer loaded (``_init_worker``)."""
+    import multiprocessing
+
+    # fork (Linux): no re-import of the caller's __main__ (a script without a main guard);
+    # the tokenizers library turns its threads off in a forked child, as _init_worker does anyway
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    return multiprocessing.get_context(method).Pool(workers, initializer=_init_worker,
+                                                    initargs=(str(tokenizer_json), eos_id, dtype))
 
 
 def _worker_encode(docs: list[str], path: str) -> int:
@@ -150,13 +167,7 @@ def tokenize_in_pieces(docs: Iterable[str], tokenizer_json: Path, eos_id: int, d
                 finished(encode_piece(tokenizer, piece, eos_id, dtype, path), chars, new=True)
                 continue
             if pool is None:
-                import multiprocessing
-
-                # fork (Linux): no re-import of the caller's __main__ (a script without a main guard);
-                # the tokenizers library turns its threads off in a forked child, as _init_worker does anyway
-                method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-                pool = multiprocessing.get_context(method).Pool(
-                    workers, initializer=_init_worker, initargs=(str(tokenizer_json), eos_id, dtype))
+                pool = worker_pool(workers, tokenizer_json, eos_id, dtype)
             in_flight.append((pool.apply_async(_worker_encode, (piece, str(path))), chars))
             while len(in_flight) >= 2 * workers:
                 result, c = in_flight.popleft()
@@ -164,8 +175,12 @@ def tokenize_in_pieces(docs: Iterable[str], tokenizer_json: Path, eos_id: int, d
         while in_flight:
             result, c = in_flight.popleft()
             finished(result.get(), c, new=True)
+        if pool is not None:  # done: the workers get the pool's stop sentinels and exit on their own
+            pool.close()
+            pool.join()
+            pool = None
     finally:
-        if pool is not None:
+        if pool is not None:  # an error or Ctrl-C: stop the workers now
             pool.terminate()
             pool.join()
     return paths, progress

@@ -89,6 +89,35 @@ def test_resume_tokenizes_only_missing_pieces_and_ignores_partial_files(tmp_path
     assert np.array_equal(np.concatenate([np.fromfile(p, dtype=np.uint16) for p in again]), ref)
 
 
+def test_pool_workers_take_sigterm_by_default_whatever_handler_their_caller_has(tokenizer_json):
+    """The forked workers inherit the caller's signal handlers. With a Python SIGTERM handler that only
+    records (the trainer's deferred one, or a user's), a worker ignored the SIGTERM of ``pool.terminate()``;
+    when the pool's stop sentinels had been drained first (a race that a loaded machine wins), the call
+    never returned (seen as a hung test run: both workers waiting on the task queue's lock). (Killing a
+    worker here to show it would itself break the pool: a worker killed while holding the queue's lock
+    hangs every later terminate(); so the test reads the worker's disposition.)"""
+    from tokenizers import Tokenizer
+
+    from steptitan.pieces import worker_pool
+
+    old = signal.signal(signal.SIGTERM, lambda *a: None)  # records nothing, ends nothing
+    try:
+        eos = Tokenizer.from_file(str(tokenizer_json)).token_to_id("<|endoftext|>")
+        pool = worker_pool(2, tokenizer_json, eos, "uint16")
+        try:
+            assert pool.map(_sigterm_and_sigint_disposition, range(4)) == [("default", "ignored")] * 4
+        finally:
+            pool.close()
+            pool.join()
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _sigterm_and_sigint_disposition(_) -> tuple[str, str]:
+    names = {signal.SIG_DFL: "default", signal.SIG_IGN: "ignored"}
+    return tuple(names.get(signal.getsignal(s), "a Python handler") for s in (signal.SIGTERM, signal.SIGINT))
+
+
 def test_workers_give_the_bytes_of_one_process_and_training_reads_the_prepared_cache(tmp_path, tokenizer_json):
     docs = _docs(1500, seed=5)
     corpus = tmp_path / "c.jsonl"
